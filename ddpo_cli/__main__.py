@@ -1,0 +1,4 @@
+"""`python -m ddpo_cli ...` and `accelerate launch -m ddpo_cli train ...`."""
+from .cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Update rules. Each is a small class: the trainer hands it tensors, it returns ``(loss, metrics)``."""

@@ -1,0 +1,271 @@
+"""The typed config schema (registered in Hydra's ConfigStore), validation and the derived counts.
+
+Fixed-shape sections (model, sampler, train, advantage, checkpoint, log) are dataclasses: an unknown key or a wrong
+type fails at composition. Pluggable sections (algo, reward, prompts) are ``_target_`` nodes whose keys are checked
+against the target's signature by :func:`check_target`.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from .errors import UserError
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0  # scale = alpha / rank; alpha == rank matches diffusers' network_alpha=None
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class TinyModelConfig:
+    """A small SD-shaped pipeline built in code from a seed (used when ``model.builder == "tiny"``)."""
+
+    seed: int = 0
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 2
+    cross_attention_dim: int = 32
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64])
+    text_hidden_size: int = 32
+    text_layers: int = 5
+    image_size: int = 32
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sd15"
+    pretrained: Optional[str] = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or local pipeline folder
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    builder: Optional[str] = None  # "tiny": build in code, materialise under cache_dir, load from there
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    cache_dir: str = "${oc.env:DDPO_CACHE,'~/.cache/ddpo_cli'}"
+    use_lora: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    resolution: Optional[int] = None  # image side in pixels; None = the model's native size
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "ddim"
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    batch_size: int = 1           # per device
+    num_batches_per_epoch: int = 2
+    group_size: int = 1           # k images per prompt from the same initial noise (group advantages)
+
+
+@dataclass
+class TrainConfig:
+    num_epochs: int = 100
+    batch_size: int = 1           # samples per device per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    num_inner_epochs: int = 1
+    timestep_fraction: float = 1.0
+    timesteps_per_forward: int = 4  # (sample, timestep) pairs batched per UNet call = batch_size x this
+    cfg: bool = True              # train through classifier-free guidance (as sampled)
+    lr: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16   (auto: bf16/fp16 on CUDA, fp32 on CPU)
+
+
+@dataclass
+class AdvantageConfig:
+    mode: str = "per_prompt"      # per_prompt | batch | group
+    buffer_size: int = 16
+    min_count: int = 16
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1                # epochs between checkpoints; the last epoch is always saved
+    keep_last: Optional[int] = 5  # None keeps all
+
+
+@dataclass
+class LogConfig:
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    project: str = "ddpo-cli"
+    image_every: int = 1          # epochs between image grids
+    grid_images: int = 16
+    async_reward: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    algo: Any = MISSING
+    reward: Any = MISSING
+    prompts: Any = MISSING
+    seed: int = 42
+    run_name: str = "run"
+    resume: Optional[str] = None
+    device: str = "auto"          # auto | cpu | cuda   (accelerate decides under `accelerate launch`)
+    threads: Optional[int] = None  # torch CPU threads; None = torch default
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+register_configs()
+
+
+# ----------------------------------------------------------------------------------------------- derived counts
+@dataclass
+class Counts:
+    num_processes: int
+    samples_per_epoch: int        # over all processes
+    samples_per_process: int
+    train_timesteps: int          # trained steps per trajectory
+    updates_per_epoch: int        # optimizer steps per epoch (all inner epochs)
+    pairs_per_update: int         # (sample, timestep) pairs per optimizer step per process
+
+    def as_rows(self) -> list[tuple[str, str]]:
+        return [("processes", str(self.num_processes)), ("samples / epoch", str(self.samples_per_epoch)),
+                ("trained timesteps / sample", str(self.train_timesteps)),
+                ("updates / epoch", str(self.updates_per_epoch)),
+                ("(sample, timestep) pairs / update / process", str(self.pairs_per_update))]
+
+
+def derive_counts(cfg: DictConfig, num_processes: int = 1) -> Counts:
+    """Check the batch arithmetic and return the derived counts; a mismatch is a UserError showing the sums."""
+    s, t = cfg.sampler, cfg.train
+    per_process = s.batch_size * s.num_batches_per_epoch
+    if s.group_size < 1 or s.batch_size % s.group_size:
+        raise UserError(f"sampler.batch_size={s.batch_size} is not a multiple of sampler.group_size={s.group_size}: "
+                        f"make the batch hold whole groups")
+    step_samples = t.batch_size * t.gradient_accumulation_steps
+    if per_process % step_samples:
+        raise UserError(
+            f"samples per process per epoch = sampler.batch_size x sampler.num_batches_per_epoch = {s.batch_size} x "
+            f"{s.num_batches_per_epoch} = {per_process} is not divisible by train.batch_size x "
+            f"train.gradient_accumulation_steps = {t.batch_size} x {t.gradient_accumulation_steps} = {step_samples}")
+    train_timesteps = max(1, int(round(s.num_steps * t.timestep_fraction)))
+    return Counts(num_processes=num_processes, samples_per_epoch=per_process * num_processes,
+                  samples_per_process=per_process, train_timesteps=train_timesteps,
+                  updates_per_epoch=per_process // step_samples * t.num_inner_epochs,
+                  pairs_per_update=step_samples * train_timesteps)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the type system cannot express. Raises UserError with the fix in the message."""
+    s, t, a = cfg.sampler, cfg.train, cfg.advantage
+    _require(s.eta > 0, f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)")
+    _require(s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1")
+    for key in ("sampler.batch_size", "sampler.num_batches_per_epoch", "train.batch_size",
+                "train.gradient_accumulation_steps", "train.num_epochs", "train.num_inner_epochs",
+                "train.timesteps_per_forward", "checkpoint.every"):
+        value = OmegaConf.select(cfg, key)
+        _require(value >= 1, f"{key}={value}: must be >= 1")
+    _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction}: must be in (0, 1]")
+    _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _require(t.mixed_precision in ("auto", "no", "fp16", "bf16"),
+             f"train.mixed_precision={t.mixed_precision!r}: choose auto, no, fp16 or bf16")
+    _require(a.mode in ("per_prompt", "batch", "group"),
+             f"advantage.mode={a.mode!r}: choose per_prompt, batch or group")
+    _require(a.mode != "group" or s.group_size > 1,
+             "advantage.mode=group needs sampler.group_size > 1 (k images per prompt)")
+    _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
+             f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
+    _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
+             f"checkpoint.keep_last={cfg.checkpoint.keep_last}: use >= 1, or null to keep all")
+    _require(cfg.model.builder in (None, "tiny"), f"model.builder={cfg.model.builder!r}: only 'tiny' is built in")
+    _require(cfg.model.builder is not None or bool(cfg.model.pretrained),
+             "model.pretrained is empty: give a hub id or a local pipeline folder (or use model=tiny)")
+    for group in ("algo", "reward", "prompts"):
+        check_target(cfg[group], group)
+    derive_counts(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- _target_ checks
+def import_target(path: str, where: str):
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"{where}._target_={path!r} cannot be imported ({exc}): give an importable module.attribute")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Loose runtime check of a YAML value against a simple annotation (int/float/str/bool/list/dict/Optional)."""
+    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, (DictConfig, ListConfig)) and not (isinstance(value, DictConfig) and "_target_" in value):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, DictConfig):  # a nested _target_ node: checked when instantiated
+        return True
+    base = origin or annotation
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base in (str, bool, list, dict, tuple):
+        return isinstance(value, list if base is tuple else base)
+    return True
+
+
+def check_target(node: Any, where: str) -> None:
+    """Every key of a ``_target_`` node must be a parameter of the target with a matching simple type."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise UserError(f"{where} has no _target_: pick one with {where}=<option> (see `ddpo ls {where}`)")
+    target = import_target(node._target_, where)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    params = signature.parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target) if params else {}
+    for key in node:
+        if str(key).startswith("_"):
+            continue
+        if key not in params:
+            if accepts_any:
+                continue
+            raise UserError(f"{where}.{key} is not an option of {node._target_}: known keys are "
+                            f"{', '.join(k for k in params if k not in ('self', 'args', 'kwargs')) or 'none'}")
+        value = node._get_node(key)._value() if OmegaConf.is_interpolation(node, key) else node[key]
+        if not OmegaConf.is_interpolation(node, key) and not _type_ok(value, hints.get(key, params[key].annotation)):
+            raise UserError(f"{where}.{key}={value!r} has the wrong type: {node._target_} expects "
+                            f"{getattr(hints.get(key), '__name__', hints.get(key))}")
+
+
+def _short_name(target: str) -> str:
+    """``ddpo_cli.rewards.jpeg.JpegCompressibility`` -> ``jpeg_compressibility`` (for run names)."""
+    name = str(target).rsplit(".", 1)[-1]
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+OmegaConf.register_new_resolver("reward_name", _short_name, replace=True)

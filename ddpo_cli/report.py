@@ -1,0 +1,114 @@
+"""Run outputs: metrics.jsonl, captioned image grids, the reward curve, and the start-up table."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
+    """Keep only epochs < ``before_epoch`` (a resumed run rewrites what came after its checkpoint)."""
+    rows = [row for row in read_metrics(run_dir) if row["epoch"] < before_epoch]
+    path = Path(run_dir) / METRICS_FILE
+    if path.exists():
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def image_grid(images: torch.Tensor, captions: list[str], columns: int | None = None,
+               min_cell: int = 128) -> Image.Image:
+    """``[N,3,H,W]`` in [0,1] -> one PIL grid, each cell upscaled to at least ``min_cell`` px with a caption below."""
+    n = images.shape[0]
+    columns = columns or min(n, max(1, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / columns)
+    side = max(min_cell, images.shape[-1])
+    caption_height = 24
+    font = ImageFont.load_default()
+    grid = Image.new("RGB", (columns * side, rows * (side + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, (array, caption) in enumerate(zip(arrays, captions)):
+        x, y = (i % columns) * side, (i // columns) * (side + caption_height)
+        grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
+        for line_no, line in enumerate(_wrap(caption, side)[:2]):
+            draw.text((x + 2, y + side + 1 + 11 * line_no), line, fill="black", font=font)
+    return grid
+
+
+def _wrap(text: str, width_px: int, char_px: int = 6) -> list[str]:
+    limit = max(4, width_px // char_px)
+    lines, current = [], ""
+    for word in text.split():
+        if len(current) + len(word) + 1 > limit and current:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    return lines + ([current] if current else [])
+
+
+def plot_reward_curve(run_dir: Path, path: Path | None = None) -> Path | None:
+    """reward_mean +- std per epoch from metrics.jsonl -> reward_curve.png."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.array([r["epoch"] for r in rows])
+    mean = np.array([r["reward_mean"] for r in rows])
+    std = np.array([r["reward_std"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, mean, marker="o", markersize=3)
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward (mean +- std)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = path or Path(run_dir) / "reward_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def startup_table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def numeric_means(info: dict) -> dict[str, float]:
+    """Per-image numeric lists in a reward's info -> their means (for metrics.jsonl)."""
+    out = {}
+    for key, values in info.items():
+        try:
+            array = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if array.size:
+            out[key] = float(array.mean())
+    return out

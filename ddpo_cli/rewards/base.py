@@ -1,0 +1,78 @@
+"""The interface every reward shares.
+
+A reward is called as ``reward(images, prompts, metadata) -> (rewards, info)``:
+
+- ``images``: float tensor ``[B, 3, H, W]`` in ``[0, 1]`` on the trainer's device (graph kept for differentiable use);
+- ``prompts``: ``list[str]`` of length B; ``metadata``: ``list[dict]`` of length B (from the prompt source);
+- ``rewards``: float tensor ``[B]`` (on the images' device; differentiable w.r.t. ``images`` when ``differentiable``);
+- ``info``: ``dict[str, list | tensor]`` of per-image extras (logged, never used for the update).
+
+Models load lazily: the trainer calls ``setup(device, dtype)`` once before the first call; nothing is downloaded or
+moved to a GPU in ``__init__``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Reward:
+    """Base class. Subclasses set ``differentiable`` and implement ``score``; ``setup`` loads models if any."""
+
+    differentiable: bool = False
+    name: str = "reward"
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self._ready = False
+
+    def setup(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "Reward":
+        """Load models onto ``device`` in ``dtype`` (idempotent). Called by the trainer, never by ``__init__``."""
+        self.device, self.dtype = torch.device(device), dtype
+        if not self._ready:
+            self.load()
+            self._ready = True
+        return self
+
+    def load(self) -> None:
+        """Override to load models (onto ``self.device`` / ``self.dtype``)."""
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
+        if not self._ready:
+            self.setup(images.device)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward expects images [B,3,H,W], got {tuple(images.shape)}")
+        if not (len(prompts) == len(metadata) == images.shape[0]):
+            raise ValueError("reward needs one prompt and one metadata dict per image")
+        if self.differentiable:
+            rewards, info = self.score(images, prompts, metadata)
+        else:
+            with torch.no_grad():
+                rewards, info = self.score(images.detach(), prompts, metadata)
+        return rewards.float().reshape(-1), info
+
+
+def to_uint8_hwc(images: torch.Tensor):
+    """``[B,3,H,W]`` float in [0,1] -> numpy ``[B,H,W,3]`` uint8 (rounded, clamped)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class FunctionReward(Reward):
+    """Wraps any callable ``fn(images, prompts, metadata) -> rewards | (rewards, info)`` as a Reward.
+
+    This is how custom rewards plug in through ``_target_`` without subclassing.
+    """
+
+    def __init__(self, fn, differentiable: bool = False, name: str | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.differentiable = differentiable
+        self.name = name or getattr(fn, "__name__", "custom")
+
+    def score(self, images, prompts, metadata):
+        out = self.fn(images, prompts, metadata)
+        rewards, info = out if isinstance(out, tuple) else (out, {})
+        return torch.as_tensor(rewards, device=images.device, dtype=torch.float32), dict(info)

@@ -1,0 +1,365 @@
+"""The training loop. Reads like the DDPO algorithm box: sample -> reward -> advantages -> update -> log/save.
+
+Randomness is a pure function of (seed, epoch, process, purpose): every epoch re-seeds its generators, so a resumed
+run draws exactly what the uninterrupted run would have drawn, without saving RNG states.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from . import checkpoint, report
+from .advantages import PerPromptStatTracker, compute_advantages
+from .config import derive_counts, validate
+from .errors import UserError
+from .pipeline import PromptEmbeddingCache, load_pipeline, prepare_for_training
+from .sampling import NoiseSchedule, Trajectory, ddim_step_with_logprob, guided_noise_pred, sample_trajectory
+
+console = Console(stderr=True)
+
+
+def derive_seed(*keys) -> int:
+    """A stable 63-bit seed from any keys (same on every machine and Python run)."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA, ``no`` (fp32) on CPU."""
+    if name != "auto":
+        if name != "no" and device.type != "cuda":
+            console.print(f"[yellow]train.mixed_precision={name} needs CUDA; running fp32 on {device.type}[/]")
+            return "no"
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EpochSamples:
+    """Everything one epoch sampled on this process (B = samples per process)."""
+
+    trajectory: Trajectory       # tensors [B, T, ...]
+    prompts: list[str]
+    metadata: list[dict]
+    rewards: torch.Tensor        # [B]
+    images: torch.Tensor         # [n, 3, H, W] the first few images (for the grid), CPU
+    info: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        validate(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._quiet_libraries()
+        device_is_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        precision = resolve_precision(cfg.train.mixed_precision,
+                                      torch.device("cpu" if device_is_cpu else "cuda"))
+        self.accelerator = Accelerator(
+            mixed_precision=precision, cpu=device_is_cpu, project_dir=str(self.run_dir),
+            log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
+        self.device, self.precision = self.accelerator.device, precision
+        self.counts = derive_counts(cfg, self.accelerator.num_processes)
+        set_seed(cfg.seed, device_specific=True)
+        if self.device.type == "cuda" and cfg.model.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.weight_dtype = WEIGHT_DTYPES[precision]
+        self.pipe = load_pipeline(cfg)
+        params = prepare_for_training(self.pipe, cfg.model, self.weight_dtype)
+        self.pipe.to(self.device)
+        self.num_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                      weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_epsilon)
+        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
+        self.params = params
+
+        self.prompt_set = instantiate(cfg.prompts)
+        self.reward_fn = instantiate(cfg.reward, _convert_="all")
+        self.reward_fn.setup(self.device, torch.float32)
+        self.algo = instantiate(cfg.algo)
+        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
+        self.embed = PromptEmbeddingCache(self.pipe, self.device)
+        self.uncond = self.embed([""])[0]
+        self.latent_shape = self._latent_shape()
+        self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.start_epoch, self.global_step = 0, 0
+        if cfg.resume:
+            self._resume(checkpoint.find_checkpoint(cfg.resume))
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "images").mkdir(exist_ok=True)
+            report.truncate_metrics(self.run_dir, self.start_epoch)
+        if cfg.log.tracker != "none":
+            self.accelerator.init_trackers(cfg.log.project, config=self._flat_config())
+        self._print_startup()
+
+    def _quiet_libraries(self) -> None:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        scale = self.pipe.vae_scale_factor
+        side = self.cfg.model.resolution or self.pipe.unet.config.sample_size * scale
+        if side % scale:
+            raise UserError(f"model.resolution={side} is not a multiple of the VAE factor {scale}")
+        return (self.pipe.unet.config.in_channels, side // scale, side // scale)
+
+    def _flat_config(self) -> dict:
+        flat = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+        walk(OmegaConf.to_container(self.cfg, resolve=True))
+        return flat
+
+    def _print_startup(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        cfg = self.cfg
+        rows = [("run dir", str(self.run_dir)), ("model", f"{cfg.model.name} ({'LoRA r=' + str(cfg.model.lora.rank) if cfg.model.use_lora else 'full fine-tuning'})"),
+                ("algorithm / reward", f"{self.algo.name} / {self.reward_fn.name}"),
+                ("prompts", f"{getattr(self.prompt_set, 'name', '?')} ({len(self.prompt_set)})"),
+                ("device / precision", f"{self.device} / {self.precision}"),
+                ("image size", f"{self.latent_shape[1] * self.pipe.vae_scale_factor} px"),
+                ("trainable parameters", f"{self.num_trainable:,}"),
+                *self.counts.as_rows(), ("epochs", f"{self.start_epoch} -> {cfg.train.num_epochs}")]
+        console.print(report.startup_table("ddpo train", rows))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.train.num_epochs):
+            start = time.perf_counter()
+            torch.manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "torch"))
+            samples, sample_seconds, reward_seconds = self.sample_epoch(epoch)
+            advantages, all_rewards = self.advantages(samples)
+            train_start = time.perf_counter()
+            metrics = self.train_epoch(epoch, samples, advantages)
+            train_seconds = time.perf_counter() - train_start
+            row = {"epoch": epoch, "global_step": self.global_step,
+                   "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                   **metrics, "samples": int(all_rewards.size), "epoch_seconds": time.perf_counter() - start,
+                   "sample_seconds": sample_seconds, "reward_seconds": reward_seconds, "train_seconds": train_seconds,
+                   **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
+            self.log_epoch(epoch, row, samples)
+            last = epoch == cfg.train.num_epochs - 1
+            if last or (epoch + 1) % cfg.checkpoint.every == 0:
+                self.save_checkpoint(epoch)
+
+    def sample_epoch(self, epoch: int) -> tuple[EpochSamples, float, float]:
+        """``num_batches_per_epoch`` batches; rewards run in a worker thread while the next batch samples."""
+        cfg, rank = self.cfg, self.accelerator.process_index
+        rng = random.Random(derive_seed(cfg.seed, epoch, rank, "prompts"))
+        generator = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, epoch, rank, "noise"))
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.eval()
+        trajectories, prompts, metadata, futures, images_kept = [], [], [], [], []
+        start = time.perf_counter()
+        for _ in range(cfg.sampler.num_batches_per_epoch):
+            batch_prompts, batch_meta = self._draw_prompts(rng)
+            trajectory, images = self.sample_batch(unet, batch_prompts, generator)
+            futures.append(self._submit_reward(images, batch_prompts, batch_meta))
+            trajectories.append(trajectory)
+            prompts += batch_prompts
+            metadata += batch_meta
+            if sum(len(i) for i in images_kept) < cfg.log.grid_images:
+                images_kept.append(images.cpu())
+        sample_seconds = time.perf_counter() - start
+        wait_start = time.perf_counter()
+        results = [f.result() if isinstance(f, Future) else f for f in futures]
+        reward_seconds = time.perf_counter() - wait_start
+        rewards = torch.cat([r for r, _ in results]).to(self.device)
+        info = {k: sum((list(i[k]) for _, i in results if k in i), []) for k in results[0][1]}
+        trajectory = Trajectory(*(torch.cat([getattr(t, f) for t in trajectories]) for f in
+                                  ("latents", "next_latents", "log_probs", "timesteps", "final")))
+        return (EpochSamples(trajectory, prompts, metadata, rewards,
+                             torch.cat(images_kept)[: cfg.log.grid_images], info), sample_seconds, reward_seconds)
+
+    def _draw_prompts(self, rng: random.Random) -> tuple[list[str], list[dict]]:
+        """``batch_size / group_size`` prompts, each repeated ``group_size`` times (consecutive)."""
+        group = self.cfg.sampler.group_size
+        pairs = self.prompt_set.sample(self.cfg.sampler.batch_size // group, rng)
+        pairs = [pair for pair in pairs for _ in range(group)]
+        return [p for p, _ in pairs], [dict(m) for _, m in pairs]
+
+    @torch.no_grad()
+    def sample_batch(self, unet, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
+        cfg, group = self.cfg, self.cfg.sampler.group_size
+        n_groups = len(prompts) // group
+        noise = torch.randn((n_groups, *self.latent_shape), generator=generator, device=self.device)
+        noise = noise.repeat_interleave(group, dim=0)  # [B, C, h, w]: one initial noise per group
+        cond = self.embed(prompts)
+        uncond = self.uncond.expand_as(cond)
+        with self.accelerator.autocast():
+            trajectory = sample_trajectory(unet, self.schedule, noise, cond, uncond, cfg.sampler.guidance_scale,
+                                           cfg.sampler.eta, generator, self.weight_dtype)
+        return trajectory, self.decode(trajectory.final)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B,C,h,w]`` -> images ``[B,3,H,W]`` float32 in [0, 1]."""
+        vae = self.pipe.vae
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _submit_reward(self, images, prompts, metadata):
+        if self.cfg.log.async_reward:
+            return self.executor.submit(self.reward_fn, images, prompts, metadata)
+        return self.reward_fn(images, prompts, metadata)
+
+    def advantages(self, samples: EpochSamples) -> tuple[torch.Tensor, np.ndarray]:
+        """Gather rewards and prompts from all processes (rank order), compute advantages, keep this rank's slice."""
+        from accelerate.utils import gather_object
+
+        all_rewards = self.accelerator.gather(samples.rewards.float()).cpu().numpy()
+        all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
+        adv = compute_advantages(self.cfg.advantage.mode, all_rewards, all_prompts, self.tracker,
+                                 self.cfg.sampler.group_size)
+        n = len(samples.prompts)
+        rank = self.accelerator.process_index
+        return torch.as_tensor(adv[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device), all_rewards
+
+    # ------------------------------------------------------------------------------------------------ update
+    def train_epoch(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict:
+        cfg = self.cfg
+        traj = samples.trajectory
+        n_samples, n_steps = traj.log_probs.shape
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "shuffle"))
+        totals: dict[str, float] = {}
+        updates = 0
+        self.unet.train()
+        for _ in range(cfg.train.num_inner_epochs):
+            order = torch.randperm(n_samples, generator=generator)
+            steps = torch.stack([torch.randperm(n_steps, generator=generator) for _ in range(n_samples)])
+            steps = steps[:, : self.counts.train_timesteps]  # [B, T_train]: an independent subset per sample
+            per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+            for first in range(0, n_samples, per_update):
+                sample_ids = order[first:first + per_update]
+                metrics = self.update(traj, samples.prompts, advantages, sample_ids, steps[sample_ids])
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                updates += 1
+        return {key: value / max(updates, 1) for key, value in totals.items()}
+
+    def update(self, traj: Trajectory, prompts: list[str], advantages: torch.Tensor, sample_ids: torch.Tensor,
+               steps: torch.Tensor) -> dict:
+        """One optimizer step over all (sample, timestep) pairs of ``sample_ids`` x ``steps`` [S, T_train].
+
+        Pairs go through the UNet in chunks of ``train.batch_size x train.timesteps_per_forward``; each chunk's mean
+        loss is weighted by its share of pairs, so every pair counts equally (exact gradient accumulation).
+        """
+        cfg = self.cfg
+        rows = sample_ids.repeat_interleave(steps.shape[1])          # [P] sample index of each pair
+        cols = steps.reshape(-1)                                     # [P] step index of each pair
+        n_pairs = rows.numel()
+        chunk = cfg.train.batch_size * cfg.train.timesteps_per_forward
+        sums: dict[str, float] = {}
+        for first in range(0, n_pairs, chunk):
+            r, c = rows[first:first + chunk], cols[first:first + chunk]
+            is_last = first + chunk >= n_pairs
+            sync = nullcontext() if is_last else self.accelerator.no_sync(self.unet)
+            with sync, self.accelerator.autocast():
+                log_prob = self.policy_log_prob(traj, prompts, r, c)
+                loss, metrics = self.algo.loss(log_prob=log_prob, old_log_prob=traj.log_probs[r, c],
+                                               advantages=advantages[r])
+                self.accelerator.backward(loss * (r.numel() / n_pairs))
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * r.numel() / n_pairs
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        sums["grad_norm"] = float(grad_norm)
+        keys = list(sums)
+        reduced = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.device), "mean")
+        return dict(zip(keys, reduced.tolist()))
+
+    def policy_log_prob(self, traj: Trajectory, prompts: list[str], rows: torch.Tensor, cols: torch.Tensor):
+        """log pi_theta(x_{t-1} | x_t, c) for pairs (rows, cols): the same CFG and step maths as sampling."""
+        cfg = self.cfg
+        latents = traj.latents[rows, cols]                           # [P, C, h, w]
+        timesteps = traj.timesteps[rows, cols]                       # [P]
+        cond = self.embed([prompts[i] for i in rows.tolist()])       # [P, L, D]
+        guidance = cfg.sampler.guidance_scale if cfg.train.cfg else 1.0
+        eps = guided_noise_pred(self.unet, latents, timesteps, cond, self.uncond.expand_as(cond), guidance,
+                                self.weight_dtype)
+        a_t, a_prev = self.schedule.alphas(timesteps)
+        _, log_prob, _, _ = ddim_step_with_logprob(eps, latents, a_t, a_prev, cfg.sampler.eta,
+                                                   self.schedule.prediction_type,
+                                                   prev_sample=traj.next_latents[rows, cols])
+        return log_prob
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def log_epoch(self, epoch: int, row: dict, samples: EpochSamples) -> None:
+        if self.cfg.log.tracker != "none":
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+        if not self.accelerator.is_main_process:
+            return
+        report.append_metrics(self.run_dir, row)
+        report.plot_reward_curve(self.run_dir)
+        if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1:
+            n = samples.images.shape[0]
+            captions = [f"{p} | {r:.2f}" for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
+            report.image_grid(samples.images, captions).save(self.run_dir / "images" / f"epoch_{epoch:04d}.png")
+        console.print(f"epoch {epoch:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
+                      f"loss {row.get('loss', 0):.4g} | kl {row.get('approx_kl', 0):.2e} | "
+                      f"clipfrac {row.get('clipfrac', 0):.3f} | {row['epoch_seconds']:.1f}s "
+                      f"(sample {row['sample_seconds']:.1f}, reward wait {row['reward_seconds']:.1f}, "
+                      f"train {row['train_seconds']:.1f})")
+
+    def save_checkpoint(self, epoch: int) -> Path:
+        state = {"global_step": self.global_step, "stat_tracker": self.tracker.state_dict(),
+                 "seed": self.cfg.seed, "config": json.dumps(OmegaConf.to_container(self.cfg, resolve=True))}
+        return checkpoint.save(self.accelerator, self.unet, self.optimizer, state, self.run_dir, epoch,
+                               self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
+
+    def _resume(self, path: Path) -> None:
+        checkpoint.load_model(self.accelerator.unwrap_model(self.unet), path, self.cfg.model.use_lora)
+        state = checkpoint.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["stat_tracker"])
+        self.global_step = int(state["global_step"])
+        self.start_epoch = int(state["epoch"]) + 1
+        if self.accelerator.is_main_process:
+            console.print(f"[green]resumed from {path}: epoch {self.start_epoch}, global step {self.global_step}[/]")
+
+    def cleanup(self) -> None:
+        self.executor.shutdown(wait=True)
+        if self.cfg.log.tracker != "none":
+            self.accelerator.end_training()
