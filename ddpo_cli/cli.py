@@ -108,14 +108,18 @@ def preflight(config_name: str, overrides: list[str], multirun: bool, config_dir
 
 
 def resume_overrides(overrides: list[str]) -> list[str]:
-    """``resume=<run or checkpoint>`` writes into that run: add ``hydra.run.dir`` unless the user set it."""
+    """``resume=<run or checkpoint>`` writes into that run: add ``hydra.run.dir`` unless the user set it, and keep
+    the run's original ``.hydra/`` record by writing this session's resolved config to ``.hydra/resume_<time>/``."""
+    import time
+
     from .checkpoint import find_checkpoint, run_dir_of
 
     value = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if not value or value == "null" or any(o.startswith("hydra.run.dir=") for o in overrides):
         return overrides
     run_dir = run_dir_of(find_checkpoint(value)).resolve()
-    return [*overrides, f"hydra.run.dir={run_dir}"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return [*overrides, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume_{stamp}"]
 
 
 def run_hydra(config_name: str, args: list[str], task) -> None:

@@ -84,13 +84,13 @@ class Trainer:
             log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
         self.device, self.precision = self.accelerator.device, precision
         self.counts = derive_counts(cfg, self.accelerator.num_processes)
-        set_seed(cfg.seed, device_specific=True)
         if self.device.type == "cuda" and cfg.model.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
         self.weight_dtype = WEIGHT_DTYPES[precision]
         self.pipe = load_pipeline(cfg)
+        set_seed(cfg.seed)  # after loading (building the tiny model draws numbers): same LoRA init on every rank
         params = prepare_for_training(self.pipe, cfg.model, self.weight_dtype)
         self.pipe.to(self.device)
         self.num_trainable = sum(p.numel() for p in params)
@@ -360,6 +360,13 @@ class Trainer:
             console.print(f"[green]resumed from {path}: epoch {self.start_epoch}, global step {self.global_step}[/]")
 
     def cleanup(self) -> None:
-        self.executor.shutdown(wait=True)
-        if self.cfg.log.tracker != "none":
-            self.accelerator.end_training()
+        """Release workers and trackers; reset accelerate's global state so the next sweep job starts clean."""
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown(wait=True)
+        if getattr(self, "accelerator", None) is not None:
+            if self.cfg.log.tracker != "none":
+                self.accelerator.end_training()
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()

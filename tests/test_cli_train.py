@@ -1,0 +1,124 @@
+"""End to end through the real CLI on the tiny model: outputs, golden numbers, resume, LoRA loading, bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_cli
+
+FAST = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+        "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
+        "advantage.mode=batch", "log.grid_images=4", "threads=2", "seed=7", "train.lr=1e-3"]
+pytestmark = pytest.mark.slow
+
+
+def lora_of(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return load_file(Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}" / "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    result = run_cli("train", *FAST, "train.num_epochs=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_outputs_of_a_run(full_run):
+    rows = read_metrics(full_run)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("epoch", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "samples", "epoch_seconds",
+                "sample_seconds", "train_seconds", "global_step"):
+        assert key in rows[0], key
+    assert rows[0]["samples"] == 4 and rows[1]["global_step"] == 2  # 4 samples / (2 x 2) = 1 update per epoch
+    assert (full_run / "images" / "epoch_0000.png").exists() and (full_run / "images" / "epoch_0001.png").exists()
+    assert (full_run / "reward_curve.png").exists() and (full_run / ".hydra" / "config.yaml").exists()
+    for epoch in (0, 1):
+        ckpt = full_run / "checkpoints" / f"epoch_{epoch:04d}"
+        assert (ckpt / "pytorch_lora_weights.safetensors").exists() and (ckpt / "training_state.pt").exists()
+    assert not list((full_run / "checkpoints").glob(".*tmp"))
+    assert list(full_run.rglob("events.out.tfevents*")), "tensorboard events expected (default tracker)"
+
+
+def test_ratio_is_exactly_one_before_the_first_update(full_run):
+    # epoch 0 has a single update, so all its (sample, timestep) pairs are evaluated before any optimizer step:
+    # training recomputes exactly the policy that sampled (same CFG, embeddings, dtype path), although it batches
+    # pairs differently from sampling
+    first = read_metrics(full_run)[0]
+    assert first["approx_kl"] == 0.0 and first["ratio_mean"] == 1.0 and first["clipfrac"] == 0.0
+
+
+def test_golden_numbers(full_run):
+    rows = read_metrics(full_run)
+    # recorded on the reference CPU machine (torch 2.14.1); catches silent changes to sampling, rewards or updates
+    # JPEG sizes are multiples of 1 byte, so a mean over 4 images moves in steps of 0.00025 kB
+    assert [r["reward_mean"] for r in rows[:2]] == pytest.approx([-1.58200, -1.57900], abs=1e-4)
+    assert rows[0]["grad_norm"] == pytest.approx(0.0163969, rel=1e-3)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(full_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    first = run_cli("train", *FAST, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("train", *FAST, "train.num_epochs=2", f"resume={run_dir}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr + second.stdout
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["global_step"] == 2
+    resumed, uninterrupted = lora_of(run_dir, 1), lora_of(full_run, 1)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
+    assert rows[1]["reward_mean"] == pytest.approx(read_metrics(full_run)[1]["reward_mean"], abs=1e-6)
+
+
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(full_run):
+    before = {p: p.read_bytes() for p in full_run.rglob("*") if p.is_file()}
+    for args in (["train.lr=fast"], ["sampler.eta=0"], ["train.batch_size=3"], ["model=sd15", "model.pretrained=/no/such/model"]):
+        result = run_cli("train", *FAST, "train.num_epochs=3", f"resume={full_run}", *args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error:"), (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+    for path, content in before.items():  # every file is still there, unchanged (logs may only grow)
+        assert path.exists() and path.read_bytes()[: len(content)] == content, path
+    assert len(read_metrics(full_run)) == 2
+
+
+def test_saved_lora_loads_with_plain_diffusers_and_reproduces_images(full_run, tiny_model_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from omegaconf import OmegaConf
+
+    from ddpo_cli import checkpoint
+    from ddpo_cli.pipeline import PromptEmbeddingCache, prepare_for_training
+    from ddpo_cli.sampling import NoiseSchedule, sample_trajectory
+
+    ckpt = full_run / "checkpoints" / "epoch_0001"
+    plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    plain.load_lora_weights(ckpt)
+
+    ours = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    cfg = OmegaConf.load(full_run / ".hydra" / "config.yaml")
+    prepare_for_training(ours, cfg.model, torch.float32)
+    checkpoint.load_model(ours.unet, ckpt, use_lora=True)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+
+    def images(pipe):
+        schedule = NoiseSchedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler.config), 4)
+        embed = PromptEmbeddingCache(pipe, "cpu")
+        cond, uncond = embed(["cat", "dog"]), embed(["", ""])
+        noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        traj = sample_trajectory(pipe.unet, schedule, noise, cond, uncond, 5.0, 1.0, torch.Generator().manual_seed(1))
+        return traj.final
+
+    torch.testing.assert_close(images(plain), images(ours), rtol=1e-4, atol=1e-4)
+    assert (images(plain) - images(base)).abs().max() > 1e-4, "the LoRA should change the images"
+
+
+def test_ls_lists_groups():
+    result = run_cli("ls", "reward")
+    assert result.returncode == 0 and "jpeg_compressibility" in result.stdout
+    assert run_cli("ls", "nope").returncode == 2
