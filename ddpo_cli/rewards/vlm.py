@@ -1,0 +1,173 @@
+"""Vision-language model backends: ask one question about each image, get one answer string per image.
+
+- :class:`TransformersVLM`: in-process ``transformers`` (any image-text-to-text model with a chat template: Qwen2-VL,
+  SmolVLM, LLaVA, ...), greedy decoding, batched.
+- :class:`ServerVLM`: an OpenAI-compatible chat-completions server (``vllm serve``, sglang, ...): JSON messages with
+  base64 data-URL images, a bounded number of concurrent requests, timeout, bounded retries with exponential backoff.
+
+Both share ``load(device, dtype)`` (lazy) and ``ask(images, questions) -> answers``. :func:`make_vlm` picks one.
+"""
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ._errors import brief
+from .base import to_uint8_hwc
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[B,3,H,W]`` in [0,1] -> B RGB PIL images."""
+    return [Image.fromarray(array) for array in to_uint8_hwc(images)]
+
+
+class TransformersVLM:
+    """A ``transformers`` VLM by hub id or local folder (``AutoProcessor`` + ``AutoModelForImageTextToText``)."""
+
+    def __init__(self, model: str, max_new_tokens: int = 64, batch_size: int = 8) -> None:
+        self.model_id, self.max_new_tokens, self.batch_size = model, max_new_tokens, batch_size
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> None:
+        import transformers
+
+        auto_model = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(self.model_id)
+            self.model = auto_model.from_pretrained(self.model_id, **_dtype_kwarg(transformers, dtype))
+        except Exception as error:
+            raise UserError(f"could not load the VLM {self.model_id!r} ({brief(error)}): give a hub id of an "
+                            "image-text-to-text model (downloaded once) or a local folder saved with save_pretrained"
+                            ) from error
+        self.processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+
+    @torch.no_grad()
+    def ask(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """One greedy answer per (image, question), ``batch_size`` at a time."""
+        answers = []
+        for start in range(0, len(images), self.batch_size):
+            answers += self._generate(images[start:start + self.batch_size], questions[start:start + self.batch_size])
+        return answers
+
+    def _generate(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": question}]}]
+                         for image, question in zip(images, questions)]
+        inputs = self.processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            **_padding_kwarg(self.processor)).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)  # [B, L+new]
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _padding_kwarg(processor) -> dict:
+    """Pad the batch: newer transformers take processor options in ``processor_kwargs``, older ones directly."""
+    if "processor_kwargs" in inspect.signature(processor.apply_chat_template).parameters:
+        return {"processor_kwargs": {"padding": True}}
+    return {"padding": True}
+
+
+def _dtype_kwarg(transformers, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` takes ``dtype`` since transformers 4.56 (``torch_dtype`` before)."""
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+class ServerVLM:
+    """An OpenAI-compatible ``/chat/completions`` endpoint (vLLM, sglang, ...), JSON only.
+
+    ``url`` is the API base (``http://host:port/v1``); ``model`` the served model name. The API key, if the server
+    wants one, is read from the environment variable named by ``api_key_env``. A request that times out, cannot
+    connect, or gets HTTP 429/5xx is retried ``max_retries`` times, sleeping ``backoff * 2**attempt`` seconds.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000/v1", model: str = "Qwen/Qwen2.5-VL-7B-Instruct",
+                 max_new_tokens: int = 64, timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
+                 concurrency: int = 8, image_format: str = "jpeg", api_key_env: str = "OPENAI_API_KEY") -> None:
+        if image_format.lower() not in ("jpeg", "png"):
+            raise UserError(f"image_format={image_format!r}: choose jpeg or png")
+        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.model, self.max_new_tokens, self.timeout = model, max_new_tokens, timeout
+        self.max_retries, self.backoff, self.concurrency = max_retries, backoff, concurrency
+        self.image_format, self.api_key_env = image_format.lower(), api_key_env
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Nothing to load: the server holds the model."""
+
+    def ask(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """One answer per (image, question); at most ``concurrency`` requests in flight."""
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(self._ask_one, images, questions))
+
+    def data_url(self, image: Image.Image) -> str:
+        """The image as a ``data:image/...;base64,...`` URL (JPEG quality 90, or lossless PNG)."""
+        buffer = io.BytesIO()
+        if self.image_format == "png":
+            image.save(buffer, format="PNG")
+        else:
+            image.convert("RGB").save(buffer, format="JPEG", quality=90)
+        return f"data:image/{self.image_format};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+    def payload(self, image: Image.Image, question: str) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": self.data_url(image)}},
+                   {"type": "text", "text": question}]
+        return {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": self.max_new_tokens, "temperature": 0.0}
+
+    def _ask_one(self, image: Image.Image, question: str) -> str:
+        body = json.dumps(self.payload(image, question)).encode("utf-8")
+        response = self._post_with_retries(body)
+        return (response["choices"][0]["message"].get("content") or "").strip()
+
+    def _post_with_retries(self, body: bytes) -> dict:
+        last_error = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                return self._post(body)
+            except urllib.error.HTTPError as error:
+                if error.code != 429 and error.code < 500:
+                    detail = brief(error.read().decode("utf-8", "replace"))
+                    raise UserError(f"VLM server at {self.endpoint} rejected the request (HTTP {error.code}: "
+                                    f"{detail}): check that the served model name is {self.model!r}") from error
+                last_error = f"HTTP {error.code}"
+            except OSError as error:  # refused connection, timeout, reset (URLError is an OSError)
+                last_error = brief(getattr(error, "reason", None) or error)
+        raise UserError(f"VLM server at {self.endpoint} did not answer after {self.max_retries + 1} attempts "
+                        f"({last_error}): start an OpenAI-compatible server there (e.g. `vllm serve {self.model} "
+                        f"--port 8000`), point the reward's server_url at a running one, or raise its timeout")
+
+    def _post(self, body: bytes) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
+        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+
+
+def make_vlm(backend: str, model: str, server_url: str, max_new_tokens: int, batch_size: int, timeout: float,
+             max_retries: int, concurrency: int):
+    """``backend`` ``transformers`` (in process) or ``server`` (OpenAI-compatible HTTP) -> a VLM backend."""
+    if backend == "transformers":
+        return TransformersVLM(model, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if backend == "server":
+        return ServerVLM(server_url, model, max_new_tokens=max_new_tokens, timeout=timeout,
+                         max_retries=max_retries, concurrency=concurrency)
+    raise UserError(f"reward.backend={backend!r}: choose transformers (in-process) or server (OpenAI-compatible)")
