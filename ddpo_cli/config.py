@@ -177,7 +177,14 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Value checks the type system cannot express. Raises UserError with the fix in the message."""
     s, t, a = cfg.sampler, cfg.train, cfg.advantage
-    _require(s.eta > 0, f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)")
+    for group in ("algo", "reward", "prompts"):
+        check_target(cfg[group], group)
+    kind = getattr(import_target(cfg.algo._target_, "algo"), "kind", "policy_gradient")
+    if kind == "backprop":
+        _require(s.eta >= 0, f"sampler.eta={s.eta}: must be >= 0")
+        check_backprop(cfg)
+    else:
+        _require(s.eta > 0, f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)")
     _require(s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1")
     for key in ("sampler.batch_size", "sampler.num_batches_per_epoch", "train.batch_size",
                 "train.gradient_accumulation_steps", "train.num_epochs", "train.num_inner_epochs",
@@ -192,6 +199,8 @@ def validate(cfg: DictConfig) -> None:
              f"advantage.mode={a.mode!r}: choose per_prompt, batch or group")
     _require(a.mode != "group" or s.group_size > 1,
              "advantage.mode=group needs sampler.group_size > 1 (k images per prompt)")
+    _require(a.mode != "group" or kind == "policy_gradient",
+             f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not {kind}")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
@@ -199,9 +208,37 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.model.builder in (None, "tiny"), f"model.builder={cfg.model.builder!r}: only 'tiny' is built in")
     _require(cfg.model.builder is not None or bool(cfg.model.pretrained),
              "model.pretrained is empty: give a hub id or a local pipeline folder (or use model=tiny)")
-    for group in ("algo", "reward", "prompts"):
-        check_target(cfg[group], group)
+    build_algorithm(cfg)
     derive_counts(cfg)
+
+
+def build_algorithm(cfg: DictConfig):
+    """Instantiate ``cfg.algo`` (cheap: no models); its own value checks become UserErrors."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.algo, _convert_="all")
+    except (InstantiationException, ValueError, TypeError) as exc:
+        cause = exc.__cause__ or exc
+        raise UserError(str(cause).splitlines()[0]) from None
+
+
+def check_backprop(cfg: DictConfig) -> None:
+    """Reward backprop needs a differentiable reward and a truncation that leaves some gradient."""
+    from hydra.utils import instantiate
+
+    from .algorithms.alignprop import check_truncation
+
+    algo = cfg.algo
+    problem = check_truncation(algo.get("truncation", "per_step_random"), cfg.sampler.num_steps, algo.get("k", 1),
+                               algo.get("k_min", 1), list(algo.get("keep_steps") or []))
+    _require(problem is None, problem or "")
+    reward = instantiate(cfg.reward, _convert_="all")  # constructors load no models (reward contract)
+    _require(getattr(reward, "differentiable", False),
+             f"reward {cfg.reward._target_} is not differentiable, so {algo.get('name', 'alignprop')} cannot "
+             f"backpropagate it: choose a differentiable reward (aesthetic, clip_score, ...) or a sample-based algo "
+             f"(ddpo_is, rwr, dpok)")
 
 
 # ----------------------------------------------------------------------------------------------- _target_ checks

@@ -51,23 +51,19 @@ def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim_step_with_logprob(
+def ddim_mean_std(
     model_output: torch.Tensor,   # [N, C, H, W] UNet output after CFG
     sample: torch.Tensor,         # [N, C, H, W] x_t
     alpha_prod_t: torch.Tensor,   # [N]
     alpha_prod_prev: torch.Tensor,  # [N]
     eta: float,
     prediction_type: str = "epsilon",
-    prev_sample: torch.Tensor | None = None,  # [N, C, H, W] given in training; drawn when None
-    noise: torch.Tensor | None = None,        # [N, C, H, W] standard normal, used when prev_sample is None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One DDIM step. Returns ``(x_prev, log_prob [N], mean, std [N,1,1,1])``; all maths in fp32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[N,C,H,W]`` and std ``[N,1,1,1]`` of the DDIM step distribution p(x_prev | x_t), in fp32.
 
     x0_hat = (x_t - sqrt(1-a_t) eps) / sqrt(a_t);  var = (1-a_prev)/(1-a_t) * (1 - a_t/a_prev);  std = eta sqrt(var)
-    mean = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps;  log_prob = mean_CHW N(x_prev; mean, std^2)
+    mean = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps
     """
-    if eta <= 0:
-        raise ValueError("eta must be > 0 for a stochastic policy (the log-prob divides by std)")
     x_t = sample.float()
     out = model_output.float()
     a_t, a_prev = _expand(alpha_prod_t.float(), x_t), _expand(alpha_prod_prev.float(), x_t)
@@ -85,6 +81,26 @@ def ddim_step_with_logprob(
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std
+
+
+def ddim_step_with_logprob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_t: torch.Tensor,
+    alpha_prod_prev: torch.Tensor,
+    eta: float,
+    prediction_type: str = "epsilon",
+    prev_sample: torch.Tensor | None = None,  # [N, C, H, W] given in training; drawn when None
+    noise: torch.Tensor | None = None,        # [N, C, H, W] standard normal, used when prev_sample is None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM step. Returns ``(x_prev, log_prob [N], mean, std [N,1,1,1])``; all maths in fp32.
+
+    log_prob = mean over C,H,W of log N(x_prev; mean, std^2) (the mean, not the sum: a sum overflows the PPO ratio).
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0 for a stochastic policy (the log-prob divides by std)")
+    mean, std = ddim_mean_std(model_output, sample, alpha_prod_t, alpha_prod_prev, eta, prediction_type)
     if prev_sample is None:
         if noise is None:
             noise = torch.randn_like(mean)
@@ -141,3 +157,33 @@ def sample_trajectory(unet, schedule: NoiseSchedule, initial_noise: torch.Tensor
         x = x_prev
     return Trajectory(latents=torch.stack(before, 1), next_latents=torch.stack(after, 1),
                       log_probs=torch.stack(log_probs, 1), timesteps=torch.stack(steps, 1), final=x)
+
+
+def sample_with_grad(unet, schedule: NoiseSchedule, initial_noise: torch.Tensor, cond_embeds: torch.Tensor,
+                     uncond_embeds: torch.Tensor, guidance_scale: float, eta: float, keep_grad: list[bool],
+                     generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                     checkpoint_unet: bool = True) -> torch.Tensor:
+    """The DDIM chain with the autograd graph kept (reward backprop). Returns the final latents ``[B,C,h,w]``.
+
+    ``keep_grad[i]`` says whether step i's UNet output keeps its gradient; detached outputs still pass gradient
+    along the latent chain. Each kept UNet call is gradient-checkpointed when ``checkpoint_unet`` (eta may be 0).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def predict(x, t_batch):
+        return guided_noise_pred(unet, x, t_batch, cond_embeds, uncond_embeds, guidance_scale, dtype)
+
+    x = initial_noise.float()
+    for i, t in enumerate(schedule.timesteps):
+        t_batch = t.expand(x.shape[0]).to(x.device)
+        if keep_grad[i]:
+            eps = checkpoint(predict, x, t_batch, use_reentrant=False) if checkpoint_unet else predict(x, t_batch)
+        else:
+            with torch.no_grad():
+                eps = predict(x, t_batch)
+        a_t, a_prev = schedule.alphas(t_batch)
+        mean, std = ddim_mean_std(eps, x, a_t, a_prev, eta, schedule.prediction_type)
+        if eta > 0:
+            mean = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x = mean
+    return x

@@ -10,7 +10,7 @@ import json
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from .advantages import PerPromptStatTracker, compute_advantages
 from .config import derive_counts, validate
 from .errors import UserError
 from .pipeline import PromptEmbeddingCache, load_pipeline, prepare_for_training
-from .sampling import NoiseSchedule, Trajectory, ddim_step_with_logprob, guided_noise_pred, sample_trajectory
+from .algorithms.dpok import gaussian_kl
+from .sampling import (NoiseSchedule, Trajectory, ddim_step_with_logprob, guided_noise_pred, sample_trajectory,
+                       sample_with_grad)
 
 console = Console(stderr=True)
 
@@ -50,11 +52,21 @@ def resolve_precision(name: str, device: torch.device) -> str:
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@contextmanager
+def adapters_disabled(unet):
+    """The base model: the same UNet with its LoRA adapter switched off (no second copy in memory)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
 @dataclass
 class EpochSamples:
     """Everything one epoch sampled on this process (B = samples per process)."""
 
-    trajectory: Trajectory       # tensors [B, T, ...]
+    trajectory: Trajectory | None  # tensors [B, T, ...]; None for reward backprop
     prompts: list[str]
     metadata: list[dict]
     rewards: torch.Tensor        # [B]
@@ -168,20 +180,29 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.train.num_epochs):
             start = time.perf_counter()
             torch.manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "torch"))
-            samples, sample_seconds, reward_seconds = self.sample_epoch(epoch)
-            advantages, all_rewards = self.advantages(samples)
-            train_start = time.perf_counter()
-            metrics = self.train_epoch(epoch, samples, advantages)
-            train_seconds = time.perf_counter() - train_start
+            if self.algo.kind == "backprop":
+                samples, all_rewards, metrics, timings = self.backprop_epoch(epoch)
+            else:
+                samples, all_rewards, metrics, timings = self.sample_and_update_epoch(epoch)
             row = {"epoch": epoch, "global_step": self.global_step,
                    "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                    **metrics, "samples": int(all_rewards.size), "epoch_seconds": time.perf_counter() - start,
-                   "sample_seconds": sample_seconds, "reward_seconds": reward_seconds, "train_seconds": train_seconds,
-                   **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
+                   **timings, **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
             self.log_epoch(epoch, row, samples)
             last = epoch == cfg.train.num_epochs - 1
             if last or (epoch + 1) % cfg.checkpoint.every == 0:
                 self.save_checkpoint(epoch)
+
+    def sample_and_update_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
+        """Sample-based algorithms: sample -> rewards -> advantages (or weights) -> updates -> KL-to-base metric."""
+        samples, sample_seconds, reward_seconds = self.sample_epoch(epoch)
+        targets, all_rewards = self.training_targets(samples)
+        train_start = time.perf_counter()
+        metrics = self.train_epoch(epoch, samples, targets)
+        train_seconds = time.perf_counter() - train_start
+        metrics["kl_to_base"] = self.kl_to_base(samples)
+        return samples, all_rewards, metrics, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds,
+                                               "train_seconds": train_seconds}
 
     def sample_epoch(self, epoch: int) -> tuple[EpochSamples, float, float]:
         """``num_batches_per_epoch`` batches; rewards run in a worker thread while the next batch samples."""
@@ -243,20 +264,25 @@ class Trainer:
             return self.executor.submit(self.reward_fn, images, prompts, metadata)
         return self.reward_fn(images, prompts, metadata)
 
-    def advantages(self, samples: EpochSamples) -> tuple[torch.Tensor, np.ndarray]:
-        """Gather rewards and prompts from all processes (rank order), compute advantages, keep this rank's slice."""
+    def training_targets(self, samples: EpochSamples) -> tuple[torch.Tensor, np.ndarray]:
+        """Gather rewards and prompts from all processes (rank order) and turn them into this rank's advantages
+        (policy gradient) or sample weights (reward-weighted denoising). Also returns all rewards."""
         from accelerate.utils import gather_object
 
         all_rewards = self.accelerator.gather(samples.rewards.float()).cpu().numpy()
         all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
-        adv = compute_advantages(self.cfg.advantage.mode, all_rewards, all_prompts, self.tracker,
-                                 self.cfg.sampler.group_size)
+        if self.algo.kind == "denoising":
+            targets = self.algo.weights(all_rewards)
+        else:
+            targets = compute_advantages(self.cfg.advantage.mode, all_rewards, all_prompts, self.tracker,
+                                         self.cfg.sampler.group_size)
         n = len(samples.prompts)
         rank = self.accelerator.process_index
-        return torch.as_tensor(adv[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device), all_rewards
+        return torch.as_tensor(targets[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device), all_rewards
 
     # ------------------------------------------------------------------------------------------------ update
-    def train_epoch(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict:
+    def train_epoch(self, epoch: int, samples: EpochSamples, targets: torch.Tensor) -> dict:
+        """``num_inner_epochs`` passes over this rank's samples in optimizer steps of batch_size x accumulation."""
         cfg = self.cfg
         traj = samples.trajectory
         n_samples, n_steps = traj.log_probs.shape
@@ -271,13 +297,13 @@ class Trainer:
             per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
             for first in range(0, n_samples, per_update):
                 sample_ids = order[first:first + per_update]
-                metrics = self.update(traj, samples.prompts, advantages, sample_ids, steps[sample_ids])
+                metrics = self.update(traj, samples.prompts, targets, sample_ids, steps[sample_ids])
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value
                 updates += 1
         return {key: value / max(updates, 1) for key, value in totals.items()}
 
-    def update(self, traj: Trajectory, prompts: list[str], advantages: torch.Tensor, sample_ids: torch.Tensor,
+    def update(self, traj: Trajectory, prompts: list[str], targets: torch.Tensor, sample_ids: torch.Tensor,
                steps: torch.Tensor) -> dict:
         """One optimizer step over all (sample, timestep) pairs of ``sample_ids`` x ``steps`` [S, T_train].
 
@@ -295,35 +321,129 @@ class Trainer:
             is_last = first + chunk >= n_pairs
             sync = nullcontext() if is_last else self.accelerator.no_sync(self.unet)
             with sync, self.accelerator.autocast():
-                log_prob = self.policy_log_prob(traj, prompts, r, c)
-                loss, metrics = self.algo.loss(log_prob=log_prob, old_log_prob=traj.log_probs[r, c],
-                                               advantages=advantages[r])
+                loss, metrics = self.pair_loss(traj, prompts, targets, r, c)
                 self.accelerator.backward(loss * (r.numel() / n_pairs))
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * r.numel() / n_pairs
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+        sums["grad_norm"] = self.optimizer_step()
+        return self.mean_over_processes(sums)
+
+    def optimizer_step(self) -> float:
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        sums["grad_norm"] = float(grad_norm)
-        keys = list(sums)
-        reduced = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.device), "mean")
+        return float(grad_norm)
+
+    def mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        keys = list(values)
+        reduced = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.device), "mean")
         return dict(zip(keys, reduced.tolist()))
 
-    def policy_log_prob(self, traj: Trajectory, prompts: list[str], rows: torch.Tensor, cols: torch.Tensor):
-        """log pi_theta(x_{t-1} | x_t, c) for pairs (rows, cols): the same CFG and step maths as sampling."""
+    def pair_loss(self, traj: Trajectory, prompts: list[str], targets: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The algorithm's loss on the (sample, timestep) pairs (rows, cols)."""
+        cond = self.embed([prompts[i] for i in rows.tolist()])       # [P, L, D]
+        if self.algo.kind == "denoising":
+            return self.algo.loss(errors=self.denoising_errors(traj.final[rows], cond), weights=targets[rows])
+        step = self.policy_step(self.unet, traj, cond, rows, cols)
+        extra = {}
+        if self.algo.needs_base:
+            with torch.no_grad(), adapters_disabled(self.accelerator.unwrap_model(self.unet)):
+                base = self.policy_step(self.accelerator.unwrap_model(self.unet), traj, cond, rows, cols)
+            extra = {"mean": step["mean"], "base_mean": base["mean"], "std": step["std"], "eps": step["eps"],
+                     "base_eps": base["eps"]}
+        return self.algo.loss(log_prob=step["log_prob"], old_log_prob=traj.log_probs[rows, cols],
+                              advantages=targets[rows], **extra)
+
+    def policy_step(self, unet, traj: Trajectory, cond: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> dict:
+        """log pi(x_{t-1} | x_t, c), step mean/std and guided eps for pairs: the same CFG and maths as sampling."""
         cfg = self.cfg
         latents = traj.latents[rows, cols]                           # [P, C, h, w]
         timesteps = traj.timesteps[rows, cols]                       # [P]
-        cond = self.embed([prompts[i] for i in rows.tolist()])       # [P, L, D]
         guidance = cfg.sampler.guidance_scale if cfg.train.cfg else 1.0
-        eps = guided_noise_pred(self.unet, latents, timesteps, cond, self.uncond.expand_as(cond), guidance,
+        eps = guided_noise_pred(unet, latents, timesteps, cond, self.uncond.expand_as(cond), guidance,
                                 self.weight_dtype)
         a_t, a_prev = self.schedule.alphas(timesteps)
-        _, log_prob, _, _ = ddim_step_with_logprob(eps, latents, a_t, a_prev, cfg.sampler.eta,
-                                                   self.schedule.prediction_type,
-                                                   prev_sample=traj.next_latents[rows, cols])
-        return log_prob
+        _, log_prob, mean, std = ddim_step_with_logprob(eps, latents, a_t, a_prev, cfg.sampler.eta,
+                                                        self.schedule.prediction_type,
+                                                        prev_sample=traj.next_latents[rows, cols])
+        return {"log_prob": log_prob, "mean": mean, "std": std, "eps": eps}
+
+    def denoising_errors(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per-pair mean squared error of the ordinary diffusion loss at a random training timestep ``[P]``."""
+        scheduler = self.pipe.scheduler
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        a = self.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if self.schedule.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        pred = self.unet(noisy.to(self.weight_dtype), t, encoder_hidden_states=cond.to(self.weight_dtype)).sample
+        return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+
+    @torch.no_grad()
+    def kl_to_base(self, samples: EpochSamples, max_samples: int = 4, max_steps: int = 4) -> float:
+        """Mean KL(policy step || base step) on a few stored (sample, step) pairs: an over-optimization signal.
+
+        None for full fine-tuning (there is no base model without a second copy)."""
+        if not self.cfg.model.use_lora:
+            return None
+        traj, unet = samples.trajectory, self.accelerator.unwrap_model(self.unet)
+        n, t = traj.log_probs.shape
+        rows = torch.arange(min(n, max_samples)).repeat_interleave(min(t, max_steps))
+        cols = torch.linspace(0, t - 1, min(t, max_steps)).round().long().repeat(min(n, max_samples))
+        cond = self.embed([samples.prompts[i] for i in rows.tolist()])
+        with self.accelerator.autocast():
+            policy = self.policy_step(unet, traj, cond, rows, cols)
+            with adapters_disabled(unet):
+                base = self.policy_step(unet, traj, cond, rows, cols)
+        kl = gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()
+        return float(self.accelerator.reduce(kl, "mean"))
+
+    def backprop_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
+        """Reward backprop (AlignProp / DRaFT): generate with the graph kept, loss = f(reward), backward, step."""
+        cfg, rank = self.cfg, self.accelerator.process_index
+        rng = random.Random(derive_seed(cfg.seed, epoch, rank, "prompts"))
+        truncation_rng = random.Random(derive_seed(cfg.seed, epoch, rank, "truncation"))
+        generator = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, epoch, rank, "noise"))
+        accumulation = cfg.train.gradient_accumulation_steps
+        n_micro = self.counts.samples_per_process // cfg.train.batch_size
+        self.unet.train()
+        rewards, prompts, metadata, images_kept, info, totals = [], [], [], [], {}, {}
+        start = time.perf_counter()
+        for micro in range(n_micro):
+            pairs = self.prompt_set.sample(cfg.train.batch_size, rng)
+            batch_prompts, batch_meta = [p for p, _ in pairs], [dict(m) for _, m in pairs]
+            keep = self.algo.steps_with_gradient(len(self.schedule.timesteps), truncation_rng)
+            noise = torch.randn((len(pairs), *self.latent_shape), generator=generator, device=self.device)
+            cond = self.embed(batch_prompts)
+            boundary = (micro + 1) % accumulation == 0
+            with (nullcontext() if boundary else self.accelerator.no_sync(self.unet)), self.accelerator.autocast():
+                final = sample_with_grad(self.unet, self.schedule, noise, cond, self.uncond.expand_as(cond),
+                                         cfg.sampler.guidance_scale, cfg.sampler.eta, keep, generator,
+                                         self.weight_dtype, self.algo.checkpoint_unet)
+                images = self.decode(final)
+                batch_rewards, batch_info = self.reward_fn(images, batch_prompts, batch_meta)
+                loss, _ = self.algo.loss(rewards=batch_rewards)
+                self.accelerator.backward(loss / accumulation)
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / n_micro
+            totals["kept_steps"] = totals.get("kept_steps", 0.0) + sum(keep) / n_micro
+            if boundary:
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + self.optimizer_step() * accumulation / n_micro
+            rewards.append(batch_rewards.detach())
+            prompts += batch_prompts
+            metadata += batch_meta
+            for key, values in batch_info.items():
+                info.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
+            if sum(len(i) for i in images_kept) < cfg.log.grid_images:
+                images_kept.append(images.detach().cpu())
+        train_seconds = time.perf_counter() - start
+        local_rewards = torch.cat(rewards)
+        all_rewards = self.accelerator.gather(local_rewards.float()).cpu().numpy()
+        samples = EpochSamples(None, prompts, metadata, local_rewards, torch.cat(images_kept)[: cfg.log.grid_images],
+                               info)
+        return samples, all_rewards, self.mean_over_processes(totals), {
+            "sample_seconds": 0.0, "reward_seconds": 0.0, "train_seconds": train_seconds}
 
     # ------------------------------------------------------------------------------------------------ outputs
     def log_epoch(self, epoch: int, row: dict, samples: EpochSamples) -> None:

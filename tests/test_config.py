@@ -12,7 +12,8 @@ CONF = conf_dir()
 GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if group.is_dir()
                  for option in sorted(group.rglob("*.yaml")) if group.name != "experiment"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").rglob("*.yaml"))
-NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"]}
+NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"],
+         ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"]}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -65,10 +66,16 @@ def test_composition_errors_are_one_line(override, message):
     ("advantage.mode=group", "group_size"),
     ("train.timestep_fraction=0", "timestep_fraction"),
     ("train.mixed_precision=fp8", "mixed_precision"),
+    ("algo=alignprop", "not differentiable"),
+    ("algo=draft reward=clip_score algo.k=60", "algo.k=60"),
+    ("algo=alignprop reward=clip_score algo.truncation=fixed", "keep_steps"),
+    ("algo=alignprop reward=clip_score algo.truncation=sometimes", "truncation"),
+    ("algo=dpok algo.kl_weighting=exact", "kl_weighting"),
+    ("algo=rwr advantage.mode=group sampler.group_size=2 sampler.batch_size=2", "policy-gradient"),
 ])
 def test_validation_errors(override, message):
     try:
-        cfg = compose("train", [override])
+        cfg = compose("train", override.split())
     except UserError as exc:  # some are caught at composition already
         assert message in str(exc) or "not in struct" in str(exc)
         return

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Algorithm
+
 
 def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
              adv_clip_max: float) -> tuple[torch.Tensor, dict]:
@@ -34,17 +36,19 @@ def score_function_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
     return loss, metrics
 
 
-class DDPO:
+class DDPO(Algorithm):
     """``importance_sampling=True`` is DDPO-IS (PPO clip), ``False`` is DDPO-SF (score function)."""
-
-    kind = "policy_gradient"
 
     def __init__(self, name: str = "ddpo_is", importance_sampling: bool = True, clip_range: float = 1e-4,
                  adv_clip_max: float = 5.0) -> None:
-        self.name, self.importance_sampling = name, importance_sampling
+        super().__init__(name)
+        self.importance_sampling = importance_sampling
         self.clip_range, self.adv_clip_max = clip_range, adv_clip_max
 
-    def loss(self, log_prob, old_log_prob, advantages, **_) -> tuple[torch.Tensor, dict]:
+    def policy_loss(self, log_prob, old_log_prob, advantages) -> tuple[torch.Tensor, dict]:
         if self.importance_sampling:
             return ppo_loss(log_prob, old_log_prob, advantages, self.clip_range, self.adv_clip_max)
         return score_function_loss(log_prob, old_log_prob, advantages, self.adv_clip_max)
+
+    def loss(self, log_prob, old_log_prob, advantages, **_) -> tuple[torch.Tensor, dict]:
+        return self.policy_loss(log_prob, old_log_prob, advantages)

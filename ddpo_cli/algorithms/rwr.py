@@ -1,0 +1,49 @@
+"""Reward-weighted regression (DDPO paper baselines): the ordinary denoising loss on the collected samples,
+weighted per sample.
+
+- ``rwr``: weights ``softmax(beta * r) * N`` (mean weight 1);
+- ``rwr_sparse``: keep the top ``keep_fraction`` of each batch, unweighted (weights ``mask / mean(mask)``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Algorithm
+
+
+def softmax_weights(rewards: np.ndarray, beta: float) -> np.ndarray:
+    """``softmax(beta * r) * N``: exponential weights that average to 1."""
+    logits = beta * np.asarray(rewards, dtype=np.float64)
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum() * len(weights)
+
+
+def top_fraction_weights(rewards: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """1/keep for the top ``ceil(keep_fraction * N)`` rewards (ties broken by order), 0 for the rest."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    keep = max(1, int(np.ceil(keep_fraction * rewards.size)))
+    mask = np.zeros_like(rewards)
+    mask[np.argsort(-rewards, kind="stable")[:keep]] = 1.0
+    return mask / mask.mean()
+
+
+class RWR(Algorithm):
+    kind = "denoising"
+
+    def __init__(self, name: str = "rwr", beta: float = 0.2, sparse: bool = False, keep_fraction: float = 0.1) -> None:
+        super().__init__(name)
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"algo.keep_fraction={keep_fraction}: must be in (0, 1]")
+        self.beta, self.sparse, self.keep_fraction = beta, sparse, keep_fraction
+
+    def weights(self, rewards: np.ndarray) -> np.ndarray:
+        """Per-sample weights over the gathered batch of rewards ``[N]``."""
+        if self.sparse:
+            return top_fraction_weights(rewards, self.keep_fraction)
+        return softmax_weights(rewards, self.beta)
+
+    def loss(self, errors: torch.Tensor, weights: torch.Tensor, **_) -> tuple[torch.Tensor, dict]:
+        """``errors`` ``[N]`` per-pair mean squared denoising error; ``weights`` ``[N]`` its sample's weight."""
+        loss = (weights * errors).mean()
+        return loss, {"denoising_mse": errors.detach().mean(), "weight_max": weights.max()}

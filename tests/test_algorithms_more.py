@@ -1,0 +1,160 @@
+"""RWR, DPOK and AlignProp maths by hand, and their gradients inside the real trainer on the tiny model."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo_cli.algorithms.alignprop import AlignProp, check_truncation, steps_with_gradient
+from ddpo_cli.algorithms.dpok import DPOK, gaussian_kl
+from ddpo_cli.algorithms.rwr import RWR, softmax_weights, top_fraction_weights
+
+
+def test_softmax_weights_by_hand():
+    # beta = 1, r = [0, ln 3] -> softmax = [1/4, 3/4] -> x N=2 -> [0.5, 1.5]
+    np.testing.assert_allclose(softmax_weights(np.array([0.0, math.log(3)]), 1.0), [0.5, 1.5])
+    np.testing.assert_allclose(softmax_weights(np.array([5.0, 5.0, 5.0]), 0.2), [1, 1, 1])
+
+
+def test_top_fraction_weights_keep_the_best_unweighted():
+    # keep ceil(0.5 * 4) = 2 best of [3, 1, 4, 2] -> indices 2 and 0, each weight 1 / 0.5 = 2
+    np.testing.assert_allclose(top_fraction_weights(np.array([3.0, 1.0, 4.0, 2.0]), 0.5), [2, 0, 2, 0])
+    np.testing.assert_allclose(top_fraction_weights(np.array([1.0, 2.0]), 0.1), [0, 2])  # at least one kept
+
+
+def test_rwr_loss_is_weighted_mean_error():
+    loss, _ = RWR().loss(errors=torch.tensor([1.0, 3.0]), weights=torch.tensor([0.5, 1.5]))
+    assert loss.item() == pytest.approx((0.5 + 4.5) / 2)
+    assert RWR(sparse=True, keep_fraction=0.5).weights(np.array([1.0, 0.0])).tolist() == [2.0, 0.0]
+
+
+def test_gaussian_kl_by_hand():
+    # means differ by 1 everywhere, std 2 -> 1 / (2 * 4) = 0.125 per dim; mean over dims 0.125
+    mean, base = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    std = torch.full((2, 1, 1, 1), 2.0)
+    torch.testing.assert_close(gaussian_kl(mean, base, std), torch.tensor([0.125, 0.125]))
+    # equals torch's KL between the two Gaussians averaged over dims
+    torch_kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
+                                                 torch.distributions.Normal(base, std.expand_as(base)))
+    torch.testing.assert_close(gaussian_kl(mean, base, std), torch_kl.mean(dim=(1, 2, 3)))
+
+
+def test_dpok_loss_adds_beta_kl_and_beta_zero_is_score_function():
+    logp, adv = torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([1.0, -1.0])
+    mean = torch.ones(2, 1, 1, 1, requires_grad=True)
+    kwargs = dict(mean=mean, base_mean=torch.zeros(2, 1, 1, 1), std=torch.ones(2, 1, 1, 1))
+    loss, metrics = DPOK(kl_beta=0.5).loss(logp, logp.detach(), adv, **kwargs)
+    # score function: -(1 * -1 + -1 * -2) / 2 = -0.5 ; KL = 1 / 2 = 0.5 ; total = -0.5 + 0.5 * 0.5 = -0.25
+    assert loss.item() == pytest.approx(-0.25) and metrics["kl_penalty"].item() == pytest.approx(0.5)
+    loss0, _ = DPOK(kl_beta=0.0).loss(logp, logp.detach(), adv, **kwargs)
+    from ddpo_cli.algorithms.ddpo import score_function_loss
+
+    assert loss0.item() == pytest.approx(score_function_loss(logp, logp.detach(), adv, 5.0)[0].item())
+    loss.backward()
+    assert mean.grad.abs().sum() > 0  # the KL term has a gradient when beta > 0
+
+
+def test_truncation_modes():
+    rng = random.Random(0)
+    assert steps_with_gradient("last_k", 5, rng, k=2) == [False, False, False, True, True]
+    assert steps_with_gradient("fixed", 4, rng, keep_steps=[0, 2]) == [True, False, True, False]
+    drawn = steps_with_gradient("random_last_k", 10, rng, k=4, k_min=2)
+    assert 2 <= sum(drawn) <= 4 and drawn[-1] and drawn == sorted(drawn)
+    # per-step random keeps step i with probability (i+1)/(T+1); the last step always
+    counts = np.zeros(10)
+    for _ in range(4000):
+        counts += steps_with_gradient("per_step_random", 10, rng)
+    expected = np.array([(i + 1) / 11 for i in range(10)])
+    expected[-1] = 1.0
+    np.testing.assert_allclose(counts / 4000, expected, atol=0.03)
+
+
+def test_truncation_validation():
+    assert check_truncation("last_k", 10, 0, 1, []) and check_truncation("last_k", 10, 11, 1, [])
+    assert check_truncation("fixed", 10, 1, 1, []) and check_truncation("fixed", 10, 1, 1, [10])
+    assert check_truncation("last_k", 10, 1, 1, []) is None and check_truncation("fixed", 10, 1, 1, [9]) is None
+
+
+def test_alignprop_loss_forms():
+    r = torch.tensor([2.0, 4.0])
+    assert AlignProp().loss(r)[0].item() == pytest.approx(-3.0)
+    assert AlignProp(loss="distance_to_target", target=10.0, loss_scale=0.01).loss(r)[0].item() == \
+        pytest.approx(0.07)
+
+
+# ------------------------------------------------------------------------------------------ inside the trainer
+@pytest.fixture(scope="module")
+def make_trainer(tmp_path_factory, cache_dir):
+    from ddpo_cli.cli import compose
+    from ddpo_cli.trainer import Trainer
+
+    made = []
+
+    def build(*overrides):
+        cfg = compose("train", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2",
+                                "sampler.num_batches_per_epoch=1", "train.batch_size=2", "advantage.mode=batch",
+                                "log.tracker=none", "threads=2", *overrides])
+        trainer = Trainer(cfg, tmp_path_factory.mktemp("run"))
+        trainer.setup()
+        made.append(trainer)
+        return trainer
+
+    yield build
+    for trainer in made:
+        trainer.cleanup()
+
+
+def lora_and_frozen_grads(trainer):
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    lora = [p.grad for n, p in unet.named_parameters() if "lora" in n]
+    frozen = [p.grad for n, p in unet.named_parameters() if "lora" not in n]
+    frozen += [p.grad for p in trainer.pipe.vae.parameters()] + [p.grad for p in trainer.pipe.text_encoder.parameters()]
+    return lora, frozen
+
+
+def perturb_lora(trainer, scale=0.05):
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.add_(scale * torch.randn_like(param))
+
+
+def test_dpok_kl_is_zero_at_init_and_has_gradient_after_a_change(make_trainer):
+    trainer = make_trainer("algo=dpok", "algo.kl_beta=1.0")
+    samples, _, _ = trainer.sample_epoch(0)
+    rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
+    targets = torch.zeros(2)  # zero advantages: the loss is the KL term alone
+    loss, metrics = trainer.pair_loss(samples.trajectory, samples.prompts, targets, rows, cols)
+    assert metrics["kl_penalty"].item() == 0.0 and trainer.kl_to_base(samples) == 0.0
+    perturb_lora(trainer)
+    loss, metrics = trainer.pair_loss(samples.trajectory, samples.prompts, targets, rows, cols)
+    assert metrics["kl_penalty"].item() > 0 and trainer.kl_to_base(samples) > 0
+    loss.backward()
+    lora, frozen = lora_and_frozen_grads(trainer)
+    assert sum(g.abs().sum() for g in lora if g is not None) > 0
+    assert all(g is None for g in frozen)
+
+
+def test_rwr_gradients_reach_lora_only(make_trainer):
+    trainer = make_trainer("algo=rwr")
+    samples, _, _ = trainer.sample_epoch(0)
+    loss, _ = trainer.pair_loss(samples.trajectory, samples.prompts, torch.ones(2), torch.tensor([0, 1]),
+                                torch.tensor([0, 0]))
+    loss.backward()
+    lora, frozen = lora_and_frozen_grads(trainer)
+    assert sum(g.abs().sum() for g in lora if g is not None) > 0 and all(g is None for g in frozen)
+
+
+@pytest.mark.parametrize("truncation", ["last_k", "per_step_random"])
+def test_alignprop_gradients_reach_lora_only(make_trainer, truncation):
+    trainer = make_trainer("algo=alignprop", "reward=custom", f"algo.truncation={truncation}", "train.lr=1e-2")
+    before = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.unet).named_parameters()}
+    _, rewards, metrics, _ = trainer.backprop_epoch(0)
+    after = dict(trainer.accelerator.unwrap_model(trainer.unet).named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora" in n for n in changed)
+    assert metrics["grad_norm"] > 0 and trainer.global_step == 1
