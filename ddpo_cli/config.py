@@ -102,7 +102,7 @@ class CheckpointConfig:
 class LogConfig:
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     project: str = "ddpo-cli"
-    image_every: int = 1          # epochs between image grids
+    image_every: int = 1          # epochs between image grids and reward-curve plots (the last epoch always)
     grid_images: int = 16
     async_reward: bool = True
 

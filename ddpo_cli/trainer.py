@@ -382,7 +382,7 @@ class Trainer:
         return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
 
     @torch.no_grad()
-    def kl_to_base(self, samples: EpochSamples, max_samples: int = 4, max_steps: int = 4) -> float:
+    def kl_to_base(self, samples: EpochSamples, max_samples: int = 2, max_steps: int = 3) -> float | None:
         """Mean KL(policy step || base step) on a few stored (sample, step) pairs: an over-optimization signal.
 
         None for full fine-tuning (there is no base model without a second copy)."""
@@ -452,16 +452,17 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         report.append_metrics(self.run_dir, row)
-        report.plot_reward_curve(self.run_dir)
         if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1:
+            report.plot_reward_curve(self.run_dir)
             n = samples.images.shape[0]
             captions = [f"{p} | {r:.2f}" for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
             report.image_grid(samples.images, captions).save(self.run_dir / "images" / f"epoch_{epoch:04d}.png")
+        shown = [f"{key} {row[key]:.3g}" for key in ("loss", "approx_kl", "clipfrac", "kl_to_base", "kl_penalty")
+                 if isinstance(row.get(key), float)]
         console.print(f"epoch {epoch:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
-                      f"loss {row.get('loss', 0):.4g} | kl {row.get('approx_kl', 0):.2e} | "
-                      f"clipfrac {row.get('clipfrac', 0):.3f} | {row['epoch_seconds']:.1f}s "
-                      f"(sample {row['sample_seconds']:.1f}, reward wait {row['reward_seconds']:.1f}, "
-                      f"train {row['train_seconds']:.1f})")
+                      f"{' | '.join(shown)} | {row['epoch_seconds']:.1f}s (sample {row['sample_seconds']:.1f}, "
+                      f"reward wait {row['reward_seconds']:.1f}, train {row['train_seconds']:.1f})",
+                      highlight=False)
 
     def save_checkpoint(self, epoch: int) -> Path:
         state = {"global_step": self.global_step, "stat_tracker": self.tracker.state_dict(),

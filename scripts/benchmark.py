@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Benchmark DDPO epochs on a pipeline folder and print one JSON object (not a test: numbers, not pass/fail).
+
+    python scripts/benchmark.py                                   # tiny model, 32x32, the reference workload
+    python scripts/benchmark.py --resolution 128                  # same work at 128x128
+    python scripts/benchmark.py --pipeline path/to/diffusers/folder -- train.timesteps_per_forward=5
+
+Reference workload (issue 2): UNet channels (32, 64), 2 layers per block, cross-attention 32; 10 DDIM steps;
+4 samples per epoch; train batch 2; every timestep trained; CFG 5 in sampling and training; LoRA r=4; fp32;
+2 threads. Reports per-epoch seconds split into sampling / reward wait / training (epoch 0 is warm-up and is
+reported separately), samples per second, UNet calls and UNet batch items per second, and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ddpo_cli.cli import compose  # noqa: E402
+from ddpo_cli.report import read_metrics  # noqa: E402
+from ddpo_cli.trainer import Trainer  # noqa: E402
+
+WORKLOAD = ["sampler.num_steps=10", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+            "sampler.guidance_scale=5.0", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+            "train.timestep_fraction=1.0", "train.cfg=true", "train.mixed_precision=no", "model.lora.rank=4",
+            "model.lora.alpha=4", "advantage.mode=batch", "log.tracker=none", "log.image_every=1000",
+            "checkpoint.every=1000", "checkpoint.keep_last=1"]
+
+
+class UNetCounter:
+    """Counts UNet forward calls and the batch items they process."""
+
+    def __init__(self, unet) -> None:
+        self.calls = self.items = 0
+        unet.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        self.calls += 1
+        self.items += int(args[0].shape[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", help="diffusers pipeline folder (default: the tiny model built in code)")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs timed after one warm-up epoch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
+    args = parser.parse_args()
+
+    model = [f"model.pretrained={args.pipeline}", "model.builder=null", "model.name=custom"] if args.pipeline else \
+        ["model=tiny"]
+    cfg = compose("train", [*model, *WORKLOAD, f"model.resolution={args.resolution}", f"threads={args.threads}",
+                            f"train.num_epochs={args.epochs + 1}", *args.overrides])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))
+        trainer.setup()
+        counter = UNetCounter(trainer.accelerator.unwrap_model(trainer.unet))
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        rows = read_metrics(Path(run_dir))
+        trainer.cleanup()
+    timed = rows[1:]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in timed) / len(timed)
+
+    epoch_seconds = mean("epoch_seconds")
+    result = {
+        "resolution": args.resolution, "pipeline": args.pipeline or "tiny (built in code)",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(trainer.device),
+        "timed_epochs": len(timed), "warmup_epoch_seconds": round(rows[0]["epoch_seconds"], 3),
+        "epoch_seconds": round(epoch_seconds, 3), "sample_seconds": round(mean("sample_seconds"), 3),
+        "reward_wait_seconds": round(mean("reward_seconds"), 3), "train_seconds": round(mean("train_seconds"), 3),
+        "samples_per_second": round(rows[0]["samples"] / epoch_seconds, 3),
+        "unet_calls_per_second": round(counter.calls / wall, 2),
+        "unet_items_per_second": round(counter.items / wall, 2),
+        "unet_calls_per_epoch": counter.calls // len(rows),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "overrides": args.overrides,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: train, save, then dump this rank's LoRA."""
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ddpo_cli.checkpoint import lora_state_dict
+from ddpo_cli.cli import compose
+from ddpo_cli.trainer import Trainer
+
+run_dir = Path(sys.argv[1])
+cfg = compose("train", sys.argv[2:])
+trainer = Trainer(cfg, run_dir)
+trainer.setup()
+trainer.train()
+unet = trainer.accelerator.unwrap_model(trainer.unet)
+rank = trainer.accelerator.process_index
+save_file({k: v.detach().contiguous() for k, v in lora_state_dict(unet).items()}, run_dir / f"rank{rank}_lora.safetensors")
+trainer.accelerator.wait_for_everyone()
+trainer.cleanup()
+print(f"rank {rank} of {os.environ.get('WORLD_SIZE')} done", flush=True)
