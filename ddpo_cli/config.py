@@ -7,6 +7,7 @@ against the target's signature by :func:`check_target`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,9 @@ def validate(cfg: DictConfig) -> None:
              f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not {kind}")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
+    if cfg.log.tracker == "wandb":
+        _require(importlib.util.find_spec("wandb") is not None,
+                 "log.tracker=wandb needs the wandb package: pip install wandb (or use log.tracker=tensorboard)")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last}: use >= 1, or null to keep all")
     _require(cfg.model.builder in (None, "tiny"), f"model.builder={cfg.model.builder!r}: only 'tiny' is built in")

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
-from .config import derive_counts, validate
+from .config import build_algorithm, derive_counts, validate
 from .errors import UserError
 from .pipeline import PromptEmbeddingCache, load_pipeline, prepare_for_training
 from .algorithms.dpok import gaussian_kl
@@ -80,57 +80,63 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
+        """Validate, then build the accelerator, the model, the optimizer and the pluggable parts; resume."""
         cfg = self.cfg
         validate(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._quiet_libraries()
-        device_is_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        precision = resolve_precision(cfg.train.mixed_precision,
-                                      torch.device("cpu" if device_is_cpu else "cuda"))
-        self.accelerator = Accelerator(
-            mixed_precision=precision, cpu=device_is_cpu, project_dir=str(self.run_dir),
-            log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
-        self.device, self.precision = self.accelerator.device, precision
-        self.counts = derive_counts(cfg, self.accelerator.num_processes)
-        if self.device.type == "cuda" and cfg.model.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-        self.weight_dtype = WEIGHT_DTYPES[precision]
-        self.pipe = load_pipeline(cfg)
-        set_seed(cfg.seed)  # after loading (building the tiny model draws numbers): same LoRA init on every rank
-        params = prepare_for_training(self.pipe, cfg.model, self.weight_dtype)
-        self.pipe.to(self.device)
-        self.num_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                      weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_epsilon)
-        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
-        self.params = params
-
+        self._setup_accelerator()
+        self._setup_model()
         self.prompt_set = instantiate(cfg.prompts)
         self.reward_fn = instantiate(cfg.reward, _convert_="all")
         self.reward_fn.setup(self.device, torch.float32)
-        self.algo = instantiate(cfg.algo)
-        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
-        self.embed = PromptEmbeddingCache(self.pipe, self.device)
-        self.uncond = self.embed([""])[0]
-        self.latent_shape = self._latent_shape()
+        self.algo = build_algorithm(cfg)
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.start_epoch, self.global_step = 0, 0
         if cfg.resume:
             self._resume(checkpoint.find_checkpoint(cfg.resume))
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "images").mkdir(exist_ok=True)
+            (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
             report.truncate_metrics(self.run_dir, self.start_epoch)
         if cfg.log.tracker != "none":
             self.accelerator.init_trackers(cfg.log.project, config=self._flat_config())
         self._print_startup()
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.precision = resolve_precision(cfg.train.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=on_cpu, project_dir=str(self.run_dir),
+                                       log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
+        self.device = self.accelerator.device
+        self.counts = derive_counts(cfg, self.accelerator.num_processes)
+        if self.device.type == "cuda" and cfg.model.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def _setup_model(self) -> None:
+        """Pipeline (frozen parts in the compute dtype), LoRA in fp32, AdamW, DDP wrapping, noise schedule, prompts."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        self.weight_dtype = WEIGHT_DTYPES[self.precision]
+        self.pipe = load_pipeline(cfg)
+        set_seed(cfg.seed)  # after loading (building the tiny model draws numbers): same LoRA init on every rank
+        self.params = prepare_for_training(self.pipe, cfg.model, self.weight_dtype)
+        self.pipe.to(self.device)
+        self.num_trainable = sum(p.numel() for p in self.params)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
+        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
+        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
+        self.embed = PromptEmbeddingCache(self.pipe, self.device)
+        self.uncond = self.embed([""])[0]
+        self.latent_shape = self._latent_shape()
 
     def _quiet_libraries(self) -> None:
         import diffusers
@@ -177,21 +183,35 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> None:
         cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.train.num_epochs):
-            start = time.perf_counter()
-            torch.manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "torch"))
-            if self.algo.kind == "backprop":
-                samples, all_rewards, metrics, timings = self.backprop_epoch(epoch)
-            else:
-                samples, all_rewards, metrics, timings = self.sample_and_update_epoch(epoch)
-            row = {"epoch": epoch, "global_step": self.global_step,
-                   "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-                   **metrics, "samples": int(all_rewards.size), "epoch_seconds": time.perf_counter() - start,
-                   **timings, **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
-            self.log_epoch(epoch, row, samples)
-            last = epoch == cfg.train.num_epochs - 1
-            if last or (epoch + 1) % cfg.checkpoint.every == 0:
-                self.save_checkpoint(epoch)
+        with self._progress() as progress:
+            task = progress.add_task("training", total=cfg.train.num_epochs, completed=self.start_epoch)
+            for epoch in range(self.start_epoch, cfg.train.num_epochs):
+                row, samples = self.run_epoch(epoch)
+                self.log_epoch(epoch, row, samples)
+                if epoch == cfg.train.num_epochs - 1 or (epoch + 1) % cfg.checkpoint.every == 0:
+                    self.save_checkpoint(epoch)
+                progress.update(task, advance=1, description=f"reward {row['reward_mean']:.4g}")
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                        TimeRemainingColumn(), console=console,
+                        disable=not (console.is_terminal and self.accelerator.is_main_process))
+
+    def run_epoch(self, epoch: int) -> tuple[dict, EpochSamples]:
+        """One epoch of the chosen algorithm; returns the metrics row for metrics.jsonl and the samples."""
+        start = time.perf_counter()
+        torch.manual_seed(derive_seed(self.cfg.seed, epoch, self.accelerator.process_index, "torch"))
+        if self.algo.kind == "backprop":
+            samples, all_rewards, metrics, timings = self.backprop_epoch(epoch)
+        else:
+            samples, all_rewards, metrics, timings = self.sample_and_update_epoch(epoch)
+        row = {"epoch": epoch, "global_step": self.global_step,
+               "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+               **metrics, "samples": int(all_rewards.size), "epoch_seconds": time.perf_counter() - start,
+               **timings, **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
+        return row, samples
 
     def sample_and_update_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
         """Sample-based algorithms: sample -> rewards -> advantages (or weights) -> updates -> KL-to-base metric."""

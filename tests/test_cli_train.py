@@ -118,6 +118,18 @@ def test_saved_lora_loads_with_plain_diffusers_and_reproduces_images(full_run, t
     assert (images(plain) - images(base)).abs().max() > 1e-4, "the LoRA should change the images"
 
 
+def test_full_fine_tuning_saves_the_unet_and_resumes(tmp_path):
+    run_dir = tmp_path / "full_ft"
+    args = [*FAST, "model.use_lora=false", "train.lr=1e-5", "log.tracker=none"]
+    result = run_cli("train", *args, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "epoch_0000" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert read_metrics(run_dir)[0]["kl_to_base"] is None  # no base model without a second copy
+    resumed = run_cli("train", *args, "train.num_epochs=2", f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1]
+
+
 def test_ls_lists_groups():
     result = run_cli("ls", "reward")
     assert result.returncode == 0 and "jpeg_compressibility" in result.stdout
