@@ -70,7 +70,7 @@ def compose(config_name: str, overrides: list[str], config_dir: Path | None = No
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf.errors import OmegaConfBaseException
+    from . import config  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 
     GlobalHydra.instance().clear()
     try:
@@ -93,11 +93,13 @@ def config_error_line(exc: BaseException) -> str:
     return f"invalid config: {head}{f' (key: {full_key})' if full_key else ''}; {hint}"
 
 
-def preflight(config_name: str, overrides: list[str], multirun: bool, config_dir: Path | None) -> None:
-    """Compose and validate every job of the command before Hydra creates anything."""
+def preflight(config_name: str, overrides: list[str], multirun: bool, config_dir: Path | None,
+              validate=None) -> None:
+    """Compose and validate (``validate(cfg)``, default: the training checks) every job before Hydra creates anything."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import validate
+    if validate is None:
+        from .config import validate
 
     for job in sweep_jobs(overrides, multirun):
         cfg = compose(config_name, job, config_dir)
@@ -122,9 +124,11 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     return [*overrides, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume_{stamp}"]
 
 
-def run_hydra(config_name: str, args: list[str], task) -> None:
+def run_hydra(config_name: str, args: list[str], task, validate=None) -> None:
     """Hand ``args`` to ``hydra.main`` as if they were on its own command line."""
     import hydra
+
+    from . import config  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 
     flags, overrides, multirun = split_args(args)
     config_dir = None
@@ -134,7 +138,7 @@ def run_hydra(config_name: str, args: list[str], task) -> None:
     info_only = any(f in flags for f in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"))
     try:
         if not info_only:
-            preflight(config_name, overrides, multirun, config_dir)
+            preflight(config_name, overrides, multirun, config_dir, validate)
             overrides = resume_overrides(overrides) if not multirun else overrides
     except UserError as exc:
         fail(str(exc))
@@ -153,9 +157,6 @@ def train_task(cfg) -> None:
     try:
         trainer.setup()
         trainer.train()
-    except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(2)
     finally:
         trainer.cleanup()
 
@@ -163,7 +164,7 @@ def train_task(cfg) -> None:
 @app.command(**HYDRA_ARGS)
 def train(ctx: typer.Context) -> None:
     """Fine-tune with RL. Arguments are Hydra overrides: `ddpo train reward=aesthetic algo=ddpo_is train.lr=1e-4`."""
-    run_hydra("train", list(ctx.args), train_task)
+    run_hydra("train", list(ctx.args), guarded(train_task))
 
 
 @app.command("ls")
@@ -190,6 +191,53 @@ def first_comment(path: Path) -> str:
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
+
+
+def guarded(task):
+    """A Hydra task that turns a UserError into one line on stderr and exit code 2."""
+    def run(cfg) -> None:
+        try:
+            task(cfg)
+        except UserError as exc:
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+            sys.exit(2)
+
+    return run
+
+
+@app.command(**HYDRA_ARGS)
+def sample(ctx: typer.Context) -> None:
+    """Images from a run's checkpoint or the base model, with per-image seeds.
+
+    Arguments are Hydra overrides:
+    `ddpo sample run=<run dir> checkpoint=latest|none|<epoch> n=4 seed=0 lora_scale=1 prompts=<option>`.
+    Writes PNGs, grid.png and samples.jsonl into <run>/sample/<time>."""
+    from .sample_config import prepare_args, validate_sample
+
+    def task(cfg) -> None:
+        from .sample import sample_task
+
+        sample_task(cfg)
+
+    run_hydra("sample", prepare_args(list(ctx.args)), guarded(task), validate_sample)
+
+
+@app.command("eval", **HYDRA_ARGS)
+def evaluate(ctx: typer.Context) -> None:
+    """Base model vs checkpoints on the same prompts and seeds, scored by several rewards.
+
+    `ddpo eval run=<run dir> checkpoints=latest|all rewards.gold=<reward option> prompts=<held-out set>`.
+    Writes eval.md and eval.json into <run>/eval/<time>. `ddpo eval sweep=<multirun dir>` summarises a sweep."""
+    from .sample_config import prepare_args, validate_eval
+
+    def task(cfg) -> None:
+        if cfg.sweep:
+            from .sweep import sweep_task as run
+        else:
+            from .evaluate import eval_task as run
+        run(cfg)
+
+    run_hydra("eval", prepare_args(list(ctx.args)), guarded(task), validate_eval)
 
 
 def main() -> None:

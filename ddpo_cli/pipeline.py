@@ -180,3 +180,28 @@ class PromptEmbeddingCache:
             for prompt, embedding in zip(missing, encode_prompts(self.pipe, missing, self.device)):
                 self.cache[prompt] = embedding
         return torch.stack([self.cache[p] for p in prompts])
+
+
+def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the UNet's latents for square images of ``resolution`` px (None = the model's native size)."""
+    scale = pipe.vae_scale_factor
+    side = resolution or pipe.unet.config.sample_size * scale
+    if side % scale:
+        raise UserError(f"model.resolution={side} is not a multiple of the VAE factor {scale}")
+    return (pipe.unet.config.in_channels, side // scale, side // scale)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``[B,C,h,w]`` -> images ``[B,3,H,W]`` float32 in [0, 1] (no gradient)."""
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def set_lora_scale(unet, scale: float, adapter: str = "default") -> None:
+    """Scale the LoRA's weight change linearly: every adapted layer computes ``W0 + scale * (alpha / r) * B A``.
+
+    peft's ``set_scale`` (through diffusers' ``set_adapters``) multiplies the layer's ``scaling`` and not the two
+    factors, so the change is linear in ``scale``: 0 gives the base model exactly, 1 the LoRA as trained.
+    """
+    unet.set_adapters([adapter], weights=[float(scale)])

@@ -112,3 +112,32 @@ def numeric_means(info: dict) -> dict[str, float]:
         if array.size:
             out[key] = float(array.mean())
     return out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table (cells converted with ``str``; ``|`` escaped)."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(row) for row in rows)])
+
+
+def plot_curves(curves: dict[str, tuple[list, list]], path: Path, ylabel: str = "reward (mean)") -> Path:
+    """Several ``label -> (epochs, values)`` curves in one PNG (e.g. the reward curves of a sweep's jobs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (epochs, values) in curves.items():
+        ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

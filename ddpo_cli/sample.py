@@ -1,0 +1,229 @@
+"""``ddpo sample``: images from a run's checkpoint (or the base model) with per-image seeds.
+
+Image ``i`` of prompt ``p`` (its index in the prompt set) starts from the noise of ``derive_seed(seed, p, i)`` and
+draws every DDIM step's noise from that same generator, so it does not depend on the checkpoint, the batch it is
+drawn in, or which other prompts are sampled: ``checkpoint=none`` gives the base model's image for the very same
+noise. Outputs (in Hydra's output dir)::
+
+    images/<p>_<prompt>_<i>.png   grid.png (captioned, one row per prompt)   samples.jsonl   resolved_config.yaml
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from . import checkpoint, report
+from .pipeline import (PromptEmbeddingCache, decode_latents, latent_shape, load_pipeline, prepare_for_training,
+                       set_lora_scale)
+from .sample_config import apply_run_defaults, resolve_checkpoint
+from .sampling import NoiseSchedule, ddim_step_with_logprob, guided_noise_pred
+from .trainer import WEIGHT_DTYPES, derive_seed, resolve_precision
+
+console = Console(stderr=True)
+
+
+# ----------------------------------------------------------------------------------------------- what to draw
+@dataclass
+class ImageSpec:
+    """One image to draw: prompt ``prompt_index`` of the set, its ``image_index``-th image, and its seed."""
+
+    prompt_index: int
+    image_index: int
+    prompt: str
+    metadata: dict
+    seed: int
+
+
+def select_prompts(num_items: int, num_prompts: int | None) -> list[int]:
+    """``num_prompts`` evenly spaced indices of a set of ``num_items`` (all when None or larger)."""
+    if num_prompts is None or num_prompts >= num_items:
+        return list(range(num_items))
+    return [int(i * num_items / num_prompts) for i in range(num_prompts)]
+
+
+def plan_images(prompt_set, num_prompts: int | None, n: int, seed: int) -> list[ImageSpec]:
+    """The images to draw, prompt by prompt; seeds depend only on (seed, prompt index, image index)."""
+    return [ImageSpec(p, i, prompt_set.items[p][0], dict(prompt_set.items[p][1]), derive_seed(seed, p, i))
+            for p in select_prompts(len(prompt_set), num_prompts) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------- the model
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ImageSampler:
+    """A pipeline that switches between the base model and checkpoints and draws images from per-image seeds."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg, self.device = cfg, pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        quiet_libraries()
+        self.dtype = WEIGHT_DTYPES[resolve_precision(cfg.precision, self.device)]
+        self.pipe = load_pipeline(cfg)
+        prepare_for_training(self.pipe, cfg.model, self.dtype)  # freeze, cast; adds the LoRA adapter to load into
+        self.pipe.unet.requires_grad_(False).eval()  # eval: the new LoRA modules' dropout is off
+        self.pipe.to(self.device)
+        self.unet, self.use_lora = self.pipe.unet, bool(cfg.model.use_lora)
+        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
+        self.embed = PromptEmbeddingCache(self.pipe, self.device)
+        self.uncond = self.embed([""])[0]                      # [L, D]
+        self.latent_shape = latent_shape(self.pipe, cfg.model.resolution)  # (C, h, w)
+        self.base_state: dict | None = None                    # full fine-tuning: the base UNet's weights (CPU)
+        self.use(None)
+
+    def use(self, path: Path | None, scale: float = 1.0) -> None:
+        """Switch to checkpoint ``path`` with ``W = W0 + scale * dW``, or to the base model (``path=None``)."""
+        if self.use_lora:
+            if path is not None:
+                checkpoint.load_model(self.unet, path, use_lora=True)
+            set_lora_scale(self.unet, 0.0 if path is None else scale)
+            return
+        if self.base_state is None:
+            self.base_state = {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+        if path is None:
+            self.unet.load_state_dict(self.base_state)
+            return
+        checkpoint.load_model(self.unet, path, use_lora=False)
+        if scale != 1.0:
+            self.unet.load_state_dict(interpolate(self.base_state, self.unet.state_dict(), scale))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images ``[N,3,H,W]`` float32 in [0,1] on the CPU, in batches of ``sampler.batch_size``."""
+        size = self.cfg.sampler.batch_size
+        return torch.cat([self._batch(prompts[i:i + size], seeds[i:i + size]) for i in range(0, len(prompts), size)])
+
+    def _batch(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """The DDIM chain of ``sampling.sample_trajectory`` with one CPU generator per image (device-independent
+        noise; image k equals ``sample_trajectory`` run alone with that generator)."""
+        s = self.cfg.sampler
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+        def draw() -> torch.Tensor:  # [B, C, h, w]: the next standard normal draw of each image's generator
+            return torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
+
+        cond = self.embed(prompts)                             # [B, L, D]
+        uncond = self.uncond.expand_as(cond)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+        x = draw()                                             # [B, C, h, w] x_T
+        with autocast:
+            for t in self.schedule.timesteps:
+                t_batch = t.expand(len(prompts)).to(self.device)
+                eps = guided_noise_pred(self.unet, x, t_batch, cond, uncond, s.guidance_scale, self.dtype)
+                a_t, a_prev = self.schedule.alphas(t_batch)
+                x, _, _, _ = ddim_step_with_logprob(eps, x, a_t, a_prev, s.eta, self.schedule.prediction_type,
+                                                    noise=draw())
+        return decode_latents(self.pipe.vae, x).cpu()
+
+
+def interpolate(base: dict, tuned: dict, scale: float) -> dict:
+    """``W0 + scale * (W1 - W0)`` for every floating-point tensor of a state dict (others as in ``tuned``)."""
+    out = {}
+    for key, w1 in tuned.items():
+        w0 = base[key].to(w1)
+        out[key] = w0 + scale * (w1 - w0) if w1.is_floating_point() else w1
+    return out
+
+
+def quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.disable_progress_bar()
+        library.utils.logging.set_verbosity_error()
+
+
+# ----------------------------------------------------------------------------------------------- rewards
+def score(reward_fn, images: torch.Tensor, specs: list[ImageSpec], batch_size: int) -> tuple[list[float], dict]:
+    """Rewards ``[N]`` (as a list) and per-image numeric info of ``images [N,3,H,W]``, in batches."""
+    values, info = [], {}
+    for first in range(0, len(specs), batch_size):
+        part = specs[first:first + batch_size]
+        rewards, extra = reward_fn(images[first:first + len(part)].to(reward_fn.device),
+                                   [s.prompt for s in part], [s.metadata for s in part])
+        values += rewards.detach().float().cpu().tolist()
+        for key, value in extra.items():
+            info.setdefault(key, []).extend(value.tolist() if torch.is_tensor(value) else list(value))
+    return values, info
+
+
+def build_reward(node: DictConfig, device: torch.device):
+    reward_fn = instantiate(node, _convert_="all")
+    reward_fn.setup(device, torch.float32)
+    return reward_fn
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def image_file(spec: ImageSpec) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", spec.prompt).strip("_")[:40] or "prompt"
+    return f"images/{spec.prompt_index:03d}_{slug}_{spec.image_index}.png"
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """``[3,H,W]`` in [0,1] -> 8-bit PNG."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
+
+
+def write_samples(out_dir: Path, images: torch.Tensor, specs: list[ImageSpec], rows: list[dict], n: int) -> None:
+    """Individual PNGs, ``grid.png`` (one row per prompt) and ``samples.jsonl`` (one row per image)."""
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for image, row in zip(images, rows):
+        save_png(image, out_dir / row["file"])
+    captions = [f"{s.prompt} #{s.image_index}" + (f" | {r['reward']:.3g}" if "reward" in r else "")
+                for s, r in zip(specs, rows)]
+    report.image_grid(images, captions, columns=n).save(out_dir / "grid.png")
+    with open(out_dir / "samples.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def sample_images(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """Draw the images of ``cfg`` (already merged with the run's settings) into ``out_dir``; returns the rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = resolve_checkpoint(cfg.run, cfg.checkpoint)
+    specs = plan_images(instantiate(cfg.prompts), cfg.num_prompts, cfg.n, cfg.seed)
+    sampler = ImageSampler(cfg)
+    sampler.use(path, cfg.lora_scale)
+    console.print(f"sampling {len(specs)} images from {path or 'the base model'} "
+                  f"(lora_scale {cfg.lora_scale}, {cfg.sampler.num_steps} DDIM steps) on {sampler.device}")
+    images = sampler.generate([s.prompt for s in specs], [s.seed for s in specs])
+    rows = [{"prompt": s.prompt, "prompt_index": s.prompt_index, "image_index": s.image_index,
+             "metadata": s.metadata, "seed": s.seed, "file": image_file(s),
+             "checkpoint": str(path) if path else None, "lora_scale": cfg.lora_scale if path else None}
+            for s in specs]
+    if cfg.reward is not None:
+        reward_fn = build_reward(cfg.reward, sampler.device)
+        values, info = score(reward_fn, images, specs, cfg.sampler.batch_size)
+        for k, row in enumerate(rows):
+            row.update(reward_name=reward_fn.name, reward=values[k],
+                       reward_info={key: value[k] for key, value in info.items() if len(value) == len(rows)})
+    write_samples(out_dir, images, specs, rows, cfg.n)
+    return rows
+
+
+def sample_task(cfg: DictConfig) -> None:
+    """Hydra task of ``ddpo sample``: merge the run's settings, save the effective config, draw the images."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    cfg = apply_run_defaults(cfg, list(hydra_cfg.overrides.task), ("model", "sampler", "prompts"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "resolved_config.yaml")
+    rows = sample_images(cfg, out_dir)
+    console.print(f"[green]{len(rows)} images, grid.png and samples.jsonl in {out_dir}[/]")

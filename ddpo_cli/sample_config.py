@@ -1,0 +1,256 @@
+"""Typed configs of ``ddpo sample`` and ``ddpo eval`` (registered in Hydra's ConfigStore), their checks, and how a
+run's own settings become the defaults.
+
+Both commands reuse the groups ``model``, ``sampler``, ``prompts`` and ``reward`` of ``ddpo train``. With
+``run=<run dir>`` the sections that the user did not override are taken from the run's ``.hydra/config.yaml``, so a
+checkpoint is sampled with the model, LoRA shape, sampler and prompts it was trained with. The checks here run
+before Hydra creates an output directory and import no torch unless they must look at checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from .config import ModelConfig, SamplerConfig, check_target
+from .errors import UserError
+
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # as checkpoint.LORA_FILE (that module imports torch)
+
+
+@dataclass
+class GenerateConfig:
+    """What both commands share: which model and checkpoint, which prompts, how many images, which seeds."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # num_steps, eta, guidance; batch_size per call
+    prompts: Any = MISSING
+    reward: Any = None
+    run: Optional[str] = None         # a run directory written by `ddpo train`
+    n: int = 4                        # images per prompt
+    num_prompts: Optional[int] = 8    # evenly spaced prompts of the set; null = all
+    seed: int = 0                     # image (p, i) uses derive_seed(seed, p, i): the same for every checkpoint
+    lora_scale: float = 1.0           # W = W0 + lora_scale * dW (0 = base model, 1 = as trained)
+    device: str = "auto"              # auto | cpu | cuda
+    precision: str = "auto"           # auto | no | fp16 | bf16 (auto: fp32 on CPU)
+    threads: Optional[int] = None     # torch CPU threads; None = torch default
+
+
+@dataclass
+class SampleConfig(GenerateConfig):
+    checkpoint: Optional[str] = "latest"  # latest | none | <epoch number> | epoch_XXXX | a checkpoint folder
+
+
+@dataclass
+class EvalConfig(GenerateConfig):
+    num_prompts: Optional[int] = 16
+    sweep: Optional[str] = None       # a multirun directory: summarise its jobs instead of evaluating a run
+    checkpoints: Any = "latest"       # latest | all | a list of epochs / epoch_XXXX names / checkpoint folders
+    rewards: Dict[str, Any] = field(default_factory=dict)  # extra rewards: name -> reward option or _target_ node
+    gold: Optional[str] = None        # which reward judges over-optimisation; null = rewards.gold or the first extra
+    grid_prompts: int = 4             # rows of the side-by-side grid
+    diversity_size: int = 32          # images are downsampled to this side before the pairwise distance
+    overopt_threshold: float = 1.0    # a change counts when |mean| > threshold x its paired standard error
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def output_dir(command: str, run: Optional[str], sweep: Optional[str], stamp: str) -> str:
+    """Hydra's run dir: ``<run>/<command>/<stamp>`` for a run, the multirun dir itself for a sweep summary, else
+    ``outputs/<command>/<stamp>``."""
+    if sweep:
+        return str(Path(sweep))
+    if run:
+        return str(Path(run) / command / stamp)
+    return str(Path("outputs") / command / stamp)
+
+
+register_configs()
+OmegaConf.register_new_resolver("ddpo_output_dir", output_dir, replace=True)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def prepare_args(args: list[str], path_keys: tuple[str, ...] = ("run", "sweep", "checkpoint")) -> list[str]:
+    """Two conveniences before Hydra parses the arguments:
+
+    - ``run=<existing path>`` is quoted, so paths holding ``=`` or ``,`` (multirun job folders) parse;
+    - ``rewards.<name>=...`` becomes ``++rewards.<name>=...`` (add or replace an entry of the ``rewards`` dict).
+    """
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in path_keys and value[:1] not in "'\"" and ("=" in value or "," in value) and Path(value).exists():
+            quote = '"' if "'" in value else "'"
+            arg = f"{key}={quote}{value}{quote}"
+        elif sep and key.startswith("rewards."):
+            arg = "++" + arg
+        out.append(arg)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- run defaults
+def load_run_config(run: str | Path) -> DictConfig:
+    """The resolved training config of a run directory (its ``.hydra/config.yaml``)."""
+    path = Path(run).expanduser()
+    if not path.is_dir():
+        raise UserError(f"run directory '{run}' does not exist: give a folder written by `ddpo train`")
+    if not (path / RUN_CONFIG).exists():
+        raise UserError(f"'{run}' is not a run directory (no {RUN_CONFIG}): give a folder written by `ddpo train`")
+    return OmegaConf.load(path / RUN_CONFIG)
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """``["sampler.num_steps=8", "model=sd15", "+x=1"]`` -> ``["sampler.num_steps", "model", "x"]``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    return [o.key_or_group for o in parsed]
+
+
+def apply_run_defaults(cfg: DictConfig, overrides: list[str], sections: tuple[str, ...]) -> DictConfig:
+    """Replace each section the user did not choose (``model=...``) by the run's, keeping dotted overrides
+    (``sampler.num_steps=8``) on top. Returns a new config; ``cfg`` is unchanged."""
+    cfg = cfg.copy()
+    if not cfg.run:
+        return cfg
+    run_cfg = load_run_config(cfg.run)
+    keys = override_keys(overrides)
+    for section in sections:
+        if section in keys or OmegaConf.select(run_cfg, section) is None:
+            continue  # chosen on the command line (or absent from the run): keep the composed section
+        merged = OmegaConf.create({section: OmegaConf.to_container(run_cfg[section], resolve=False)})
+        for key in keys:
+            if key.startswith(section + "."):
+                OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
+        try:
+            current = cfg[section]  # a dataclass section (model, sampler) is merged to keep its type
+            typed = isinstance(current, DictConfig) and OmegaConf.get_type(current) is not dict
+            cfg[section] = OmegaConf.merge(current, merged[section]) if typed else merged[section]
+        except Exception as exc:  # the run was written by an incompatible version of the schema
+            raise UserError(f"the {section} section of {cfg.run}/{RUN_CONFIG} does not fit this version's schema "
+                            f"({str(exc).splitlines()[0]}): choose it explicitly, e.g. {section}=<option>") from None
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(run: Optional[str], spec: Any) -> Optional[Path]:
+    """``none`` -> None (base model); ``latest`` -> the run's newest checkpoint (None without a run);
+    ``3`` / ``epoch_0003`` -> that checkpoint of the run; anything else -> a checkpoint folder."""
+    spec = None if spec is None else str(spec)
+    if spec is None or spec.lower() in ("none", "base"):
+        return None
+    if spec == "latest":
+        if not run:
+            return None
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(Path(run))
+        if not found:
+            raise UserError(f"no checkpoint under '{run}/checkpoints': train at least one epoch, name one with "
+                            f"checkpoint=<epoch dir>, or use checkpoint=none for the base model")
+        return found[-1]
+    if spec.isdigit() or spec.startswith("epoch_"):
+        if not run:
+            raise UserError(f"checkpoint={spec} names an epoch: also give run=<run dir>")
+        name = f"epoch_{int(spec):04d}" if spec.isdigit() else spec
+        path = Path(run) / "checkpoints" / name
+    else:
+        path = Path(spec).expanduser()
+    if not ((path / LORA_FILE).exists() or (path / "unet").is_dir()):
+        raise UserError(f"checkpoint '{path}' not found (no {LORA_FILE} or unet/ in it): give latest, none, an epoch "
+                        f"number or a checkpoints/epoch_XXXX folder")
+    return path
+
+
+def resolve_checkpoints(run: str, spec: Any) -> list[Path]:
+    """``latest`` | ``all`` | a list of epoch numbers, names or folders -> checkpoint folders (oldest first)."""
+    from .checkpoint import list_checkpoints
+
+    if isinstance(spec, str) and spec == "all":
+        found = list_checkpoints(Path(run))
+        if not found:
+            raise UserError(f"no checkpoint under '{run}/checkpoints': train at least one epoch first")
+        return found
+    specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+    if not specs:
+        raise UserError("checkpoints=[] is empty: give latest, all or a list such as [0,3]")
+    paths = [resolve_checkpoint(run, s) for s in specs]
+    if any(p is None for p in paths):
+        raise UserError("checkpoints lists 'none': the base model is always evaluated, leave it out")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- rewards
+def reward_option(name: str) -> DictConfig:
+    """The config of ``conf/reward/<name>.yaml`` (a reward named on the command line, e.g. ``rewards.gold=aesthetic``)."""
+    from .cli import conf_dir
+
+    folder = conf_dir() / "reward"
+    path = folder / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UserError(f"unknown reward '{name}': choose one of {known} (or give a _target_ node)")
+    return OmegaConf.load(path)
+
+
+def extra_rewards(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``rewards`` with option names replaced by their configs; every node checked against its target."""
+    out = {}
+    for name, node in (cfg.rewards or {}).items():
+        node = reward_option(str(node)) if isinstance(node, str) else node
+        check_target(node, f"rewards.{name}")
+        out[str(name)] = node
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate_common(cfg: DictConfig) -> None:
+    _require(cfg.n >= 1, f"n={cfg.n}: give at least one image per prompt")
+    _require(cfg.num_prompts is None or cfg.num_prompts >= 1, f"num_prompts={cfg.num_prompts}: use >= 1 or null")
+    _require(cfg.lora_scale >= 0, f"lora_scale={cfg.lora_scale}: use 0 (base) .. 1 (as trained)")
+    _require(cfg.sampler.eta > 0, f"sampler.eta={cfg.sampler.eta}: the DDIM sampler here needs eta > 0")
+    _require(cfg.sampler.num_steps >= 1, f"sampler.num_steps={cfg.sampler.num_steps}: use at least 1")
+    _require(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: use at least 1")
+    _require(cfg.precision in ("auto", "no", "fp16", "bf16"), f"precision={cfg.precision!r}: auto, no, fp16 or bf16")
+    _require(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.run:
+        load_run_config(cfg.run)
+    check_target(cfg.prompts, "prompts")
+    if cfg.reward is not None:
+        check_target(cfg.reward, "reward")
+
+
+def validate_sample(cfg: DictConfig) -> None:
+    """Checks of ``ddpo sample`` before anything is written. Raises UserError."""
+    validate_common(cfg)
+    resolve_checkpoint(cfg.run, cfg.checkpoint)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Checks of ``ddpo eval`` before anything is written. Raises UserError."""
+    if cfg.sweep:
+        from .sweep import sweep_jobs
+
+        _require(not cfg.run, "give either run=<run dir> or sweep=<multirun dir>, not both")
+        sweep_jobs(Path(cfg.sweep))
+        return
+    _require(bool(cfg.run), "ddpo eval needs run=<run dir> (or sweep=<multirun dir> to summarise a sweep)")
+    validate_common(cfg)
+    _require(cfg.grid_prompts >= 0 and cfg.diversity_size >= 4, "grid_prompts must be >= 0, diversity_size >= 4")
+    names = set(extra_rewards(cfg))
+    _require(cfg.gold is None or cfg.gold in names,
+             f"gold={cfg.gold!r} is not one of the rewards ({', '.join(sorted(names)) or 'none given'}): "
+             f"add it with rewards.{cfg.gold}=<reward option>")
+    resolve_checkpoints(cfg.run, cfg.checkpoints)

@@ -1,0 +1,94 @@
+"""``ddpo eval sweep=<multirun dir>``: one table and one plot over all jobs of a ``ddpo train -m`` sweep.
+
+Each job folder holds ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and ``metrics.jsonl``. The summary is written
+into the multirun dir: ``sweep_summary.md`` (table + plot), ``sweep_summary.json`` and ``sweep_rewards.png``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import report
+from .errors import UserError
+
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+
+
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a multirun dir, in job-number order. UserError if there are none."""
+    sweep_dir = Path(sweep_dir).expanduser()
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep directory '{sweep_dir}' does not exist: give the folder of a `ddpo train -m` run")
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / RUN_CONFIG).exists()]
+    if not jobs:
+        raise UserError(f"no job folders (with {RUN_CONFIG}) in '{sweep_dir}': give the folder of a `ddpo train -m` "
+                        f"run (hydra.sweep.dir)")
+    return sorted(jobs, key=_job_number)
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    match = re.match(r"^(\d+)", path.name)
+    return (int(match.group(1)) if match else 1 << 30, path.name)
+
+
+def job_overrides(job: Path) -> list[str]:
+    path = job / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+
+
+def job_summary(job: Path) -> dict:
+    """Overrides, epochs, final and best training reward of one job (rewards None if it logged no epoch)."""
+    rows = report.read_metrics(job)
+    rewards = [row["reward_mean"] for row in rows]
+    best = max(range(len(rows)), key=lambda i: rewards[i]) if rows else None
+    return {"job": job.name, "overrides": job_overrides(job), "epochs": len(rows),
+            "final_reward": rewards[-1] if rows else None,
+            "best_reward": rewards[best] if rows else None,
+            "best_epoch": rows[best]["epoch"] if rows else None,
+            "curve": {"epochs": [row["epoch"] for row in rows], "reward_mean": rewards}}
+
+
+def varying_overrides(all_overrides: list[list[str]]) -> list[list[str]]:
+    """Keep the overrides that differ between jobs (what the sweep swept); all of them for a single job."""
+    if len(all_overrides) < 2:
+        return all_overrides
+    shared = set.intersection(*(set(o) for o in all_overrides))
+    return [[o for o in overrides if o not in shared] for overrides in all_overrides]
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def summarise_sweep(sweep_dir: Path) -> dict:
+    """Write the sweep summary into ``sweep_dir``; returns the summary (as in ``sweep_summary.json``)."""
+    sweep_dir = Path(sweep_dir).expanduser()
+    jobs = [job_summary(job) for job in sweep_jobs(sweep_dir)]
+    labels = [" ".join(o) or job["job"] for o, job in zip(varying_overrides([j["overrides"] for j in jobs]), jobs)]
+    for job, label in zip(jobs, labels):
+        job["label"] = label
+    plot = report.plot_curves({j["label"]: (j["curve"]["epochs"], j["curve"]["reward_mean"]) for j in jobs if j["epochs"]},
+                              sweep_dir / "sweep_rewards.png", ylabel="training reward (mean per epoch)")
+    finished = [j for j in jobs if j["best_reward"] is not None]
+    best = max(finished, key=lambda j: j["final_reward"])["job"] if finished else None
+    summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, "best_job_by_final_reward": best, "plot": plot.name}
+    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
+    rows = [[j["job"], j["label"], j["epochs"], _fmt(j["final_reward"]), f"{_fmt(j['best_reward'])} "
+             f"(epoch {j['best_epoch']})" if j["epochs"] else "-"] for j in jobs]
+    table = report.markdown_table(["job", "overrides", "epochs", "final training reward", "best training reward"], rows)
+    (sweep_dir / "sweep_summary.md").write_text(
+        f"# Sweep summary: {sweep_dir}\n\n{table}\n\nBest final training reward: {best or '-'}\n\n"
+        f"![training reward curves]({plot.name})\n")
+    return summary
+
+
+def sweep_task(cfg) -> None:
+    """Hydra task of ``ddpo eval sweep=<multirun dir>``."""
+    from rich.console import Console
+
+    summary = summarise_sweep(Path(cfg.sweep))
+    Console(stderr=True).print(f"[green]{len(summary['jobs'])} jobs summarised in "
+                               f"{Path(cfg.sweep) / 'sweep_summary.md'}[/]")

@@ -1,0 +1,243 @@
+"""`ddpo sample` and `ddpo eval` through the real CLI on the tiny model, plus the maths they rely on.
+
+One module fixture trains a 2-job sweep (seeds 0 and 1, 2 epochs each); job 0 is the run that is sampled and
+evaluated, and the sweep itself is summarised.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import run_cli
+
+FAST = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+        "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
+        "advantage.mode=batch", "log.grid_images=4", "log.tracker=none", "threads=1", "train.lr=1e-3"]
+SMALL = ["n=2", "num_prompts=2", "threads=1"]
+pytestmark = pytest.mark.slow
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir) -> Path:
+    """A 2-job training sweep; job folders hold '=' and ',' like Hydra's default names (``0_seed=0,lr=0.001``)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    ok(run_cli("train", "-m", *FAST, "train.num_epochs=2", "seed=0,1", f"hydra.sweep.dir={folder}",
+               "hydra.sweep.subdir='${hydra.job.num}_seed=${seed},lr=${train.lr}'"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(sweep) -> Path:
+    return next(p for p in sorted(sweep.iterdir()) if p.name.startswith("0_"))
+
+
+def run_side_by_side(commands: dict[str, list[str]]) -> dict:
+    """Run independent CLI commands concurrently (each is a process): ``name -> CompletedProcess``."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return dict(zip(commands, pool.map(lambda args: run_cli(*args), commands.values())))
+
+
+@pytest.fixture(scope="module")
+def cli(sweep, run, tmp_path_factory) -> dict:
+    """A `ddpo sample -m lora_scale=0,1` (latest checkpoint), a `ddpo eval` and a `ddpo eval sweep=`, side by side."""
+    folder = tmp_path_factory.mktemp("samples")
+    results = run_side_by_side({
+        "sample": ["sample", "-m", f"run={run}", "lora_scale=0,1", *SMALL,
+                   "reward=jpeg_compressibility", f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=job${hydra.job.num}"],
+        "eval": ["eval", f"run={run}", "checkpoints=all", "rewards.gold=jpeg_incompressibility", *SMALL],
+        "sweep": ["eval", f"sweep={sweep}"]})
+    return {**results, "sample_dir": folder}
+
+
+@pytest.fixture(scope="module")
+def samples(cli) -> dict[str, Path]:
+    """``lora_scale -> job folder`` of the sample sweep."""
+    ok(cli["sample"])
+    jobs = {}
+    for job in cli["sample_dir"].glob("job*"):
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+        jobs[overrides["lora_scale"]] = job
+    return jobs
+
+
+def pixels(job: Path) -> dict[str, np.ndarray]:
+    return {row["file"]: np.asarray(Image.open(job / row["file"])) for row in rows_of(job)}
+
+
+def rows_of(job: Path) -> list[dict]:
+    return [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------- ddpo sample
+def test_sample_writes_images_grid_and_jsonl(samples, run):
+    job = samples["1"]
+    rows = rows_of(job)
+    assert len(rows) == 4 and {r["image_index"] for r in rows} == {0, 1}
+    for row in rows:
+        assert {"prompt", "metadata", "seed", "file", "reward", "checkpoint"} <= row.keys()
+        assert (job / row["file"]).exists() and row["reward_name"] == "jpeg_compressibility"
+        assert row["reward"] == pytest.approx(-row["reward_info"]["jpeg_kb"])
+    assert rows[0]["checkpoint"].endswith("epoch_0001") and (job / "grid.png").exists()
+    resolved = OmegaConf.load(job / "resolved_config.yaml")
+    assert resolved.sampler.num_steps == 4  # the run's sampler, not sample.yaml's default (50)
+
+
+def test_base_model_images_are_reproduced_with_the_same_seeds(samples, run, tmp_path):
+    """lora_scale=0, checkpoint=none and no run at all draw the same base-model images; the LoRA changes them."""
+    from ddpo_cli.cli import compose
+    from ddpo_cli.sample import sample_images
+    from ddpo_cli.sample_config import apply_run_defaults
+
+    overrides = [f"run='{run}'", "checkpoint=none", *SMALL]
+    sample_images(apply_run_defaults(compose("sample", overrides), overrides, ("model", "sampler", "prompts")),
+                  tmp_path / "none")
+    sample_images(compose("sample", ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", *SMALL]),
+                  tmp_path / "no_run")
+    base = pixels(samples["0"])
+    seeds = [r["seed"] for r in rows_of(samples["0"])]
+    for job in (samples["1"], tmp_path / "none", tmp_path / "no_run"):
+        assert [r["seed"] for r in rows_of(job)] == seeds
+    for job in (tmp_path / "none", tmp_path / "no_run"):
+        assert all(np.array_equal(base[f], image) for f, image in pixels(job).items()), job
+    tuned = pixels(samples["1"])
+    assert any(not np.array_equal(base[f], image) for f, image in tuned.items()), "the LoRA should change images"
+
+
+def test_lora_scale_interpolates_the_weight_change_linearly(run):
+    from safetensors.torch import load_file
+
+    from ddpo_cli.cli import compose
+    from ddpo_cli.sample import ImageSampler
+    from ddpo_cli.sample_config import apply_run_defaults
+
+    overrides = [f"run='{run}'", "threads=1"]
+    cfg = apply_run_defaults(compose("sample", overrides), overrides, ("model", "sampler", "prompts"))
+    sampler = ImageSampler(cfg)
+    ckpt = run / "checkpoints" / "epoch_0001"
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = sampler.unet.get_submodule(name)
+    eye = torch.eye(layer.in_features)
+
+    def delta(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weight change peft merges into W0, the change the layer applies: W_eff - W0), both [out, in]."""
+        sampler.use(ckpt, scale)
+        with torch.no_grad():
+            return layer.get_delta_weight("default"), (layer(eye) - layer.base_layer(eye)).T
+
+    (full, full_applied), (half, half_applied), (zero, zero_applied) = delta(1.0), delta(0.5), delta(0.0)
+    weights = load_file(ckpt / "pytorch_lora_weights.safetensors")
+    b, a = weights[f"unet.{name}.lora.up.weight"], weights[f"unet.{name}.lora.down.weight"]
+    alpha_over_r = cfg.model.lora.alpha / cfg.model.lora.rank
+    torch.testing.assert_close(full, alpha_over_r * b @ a, rtol=1e-6, atol=0)
+    assert full.abs().max() > 1e-6
+    assert torch.equal(half, 0.5 * full) and torch.equal(zero, torch.zeros_like(zero))   # exactly linear
+    # what the forward pass applies agrees (up to float32 rounding of W0 x + dW x - W0 x)
+    torch.testing.assert_close(full_applied, full, rtol=0, atol=1e-7)
+    torch.testing.assert_close(half_applied, half, rtol=0, atol=1e-7)
+    assert torch.equal(zero_applied, torch.zeros_like(zero))
+
+
+def test_batched_sampling_equals_the_training_sampler_image_by_image(run):
+    from ddpo_cli.cli import compose
+    from ddpo_cli.pipeline import decode_latents
+    from ddpo_cli.sample import ImageSampler
+    from ddpo_cli.sampling import sample_trajectory
+
+    cfg = compose("sample", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2", "threads=1"])
+    sampler = ImageSampler(cfg)
+    prompts, seeds = ["cat", "dog"], [11, 12]
+    batched = sampler.generate(prompts, seeds)                     # [2, 3, H, W]
+    for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((1, *sampler.latent_shape), generator=generator)
+        cond = sampler.embed([prompt])
+        traj = sample_trajectory(sampler.unet, sampler.schedule, noise, cond, sampler.uncond.expand_as(cond),
+                                 cfg.sampler.guidance_scale, cfg.sampler.eta, generator)
+        torch.testing.assert_close(decode_latents(sampler.pipe.vae, traj.final)[0], batched[k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- ddpo eval
+def test_eval_report(cli, run):
+    ok(cli["eval"])
+    out = max((run / "eval").iterdir())
+    summary = json.loads((out / "eval.json").read_text())
+    for key in ("models", "train_reward", "gold_reward", "best", "overoptimization", "training", "prompts", "sampler"):
+        assert key in summary, key
+    assert [m["name"] for m in summary["models"]] == ["base", "epoch_0000", "epoch_0001"]
+    assert summary["train_reward"] == "jpeg_compressibility" and summary["gold_reward"] == "gold"
+    base, tuned = summary["models"][0], summary["models"][2]
+    assert base["rewards"]["gold"]["mean"] == pytest.approx(-base["rewards"]["jpeg_compressibility"]["mean"])
+    assert base["rewards"]["gold"]["n"] == 4 and base["diversity"]["n"] == 2 and base["diversity"]["mean"] > 0
+    assert tuned["change_vs_base"]["jpeg_compressibility"]["mean"] == pytest.approx(
+        tuned["rewards"]["jpeg_compressibility"]["mean"] - base["rewards"]["jpeg_compressibility"]["mean"], abs=1e-9)
+    # gold = -train here, so a flag appears exactly where the training reward rose by more than one standard error
+    rose = {m["name"] for m in summary["models"][1:] if m["change_vs_base"]["jpeg_compressibility"]["mean"] >
+            max(m["change_vs_base"]["jpeg_compressibility"]["se"], 0)}
+    assert {f["to"] for f in summary["overoptimization"] if f["from"] == "base"} == rose
+    assert summary["best"]["by"] == "gold"
+    report = (out / "eval.md").read_text()
+    for text in ("| base |", "| epoch_0000 |", "| epoch_0001 |", "gold (gold)", "comparison.png", "reward_curve.png"):
+        assert text in report, text
+    assert (out / "comparison.png").exists() and (out / "reward_curve.png").exists()
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 3 * 4
+
+
+def test_sweep_summary(cli, sweep):
+    ok(cli["sweep"])
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [j["label"] for j in summary["jobs"]] == ["seed=0", "seed=1"]
+    assert all(j["epochs"] == 2 and j["final_reward"] is not None for j in summary["jobs"])
+    table = (sweep / "sweep_summary.md").read_text()
+    assert "| seed=0 | 2 |" in table and "| seed=1 | 2 |" in table and "sweep_rewards.png" in table
+    assert (sweep / "sweep_rewards.png").exists()
+
+
+def test_bad_input_is_one_line_exit_2(run, tmp_path):
+    no_checkpoints = tmp_path / "fresh_run"
+    shutil.copytree(run / ".hydra", no_checkpoints / ".hydra")
+    cases = [("sample", "run=/no/such/run", "does not exist"),
+             ("sample", f"run={no_checkpoints}", "no checkpoint"),
+             ("eval", f"run={run}", "rewards.gold=no_such_reward", "unknown reward"),
+             ("eval", "n=2", "needs run="),
+             ("eval", "sweep=/no/such/sweep", "does not exist")]
+    results = run_side_by_side({str(i): case[:-1] for i, case in enumerate(cases)})
+    for i, (command, *args, message) in enumerate(cases):
+        result = results[str(i)]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert lines[-1].startswith("error:") and message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+    assert not (no_checkpoints / "sample").exists(), "nothing is written for a bad command"
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def test_statistics_and_overoptimization_flags():
+    from ddpo_cli.evaluate import ModelEval, best_model, mean_se, overoptimization, pairwise_diversity
+
+    assert mean_se([1.0, 3.0]) == pytest.approx({"mean": 2.0, "se": 1.0, "n": 2})  # std(ddof=1) = sqrt(2), / sqrt(2)
+    images = torch.zeros(4, 3, 8, 8)
+    images[1] = 1.0                                                    # prompt 0: black vs white -> distance 1
+    assert pairwise_diversity(images, [0, 0, 1, 1], size=4).tolist() == [1.0, 0.0]
+
+    def model(name, train, gold):
+        return ModelEval(name, None, None, {"t": np.array(train), "g": np.array(gold)}, np.zeros(1), torch.zeros(0))
+
+    base = model("base", [0.0, 0.0, 0.0], [5.0, 5.0, 5.0])
+    good = model("e1", [1.0, 1.1, 0.9], [5.2, 5.1, 5.3])              # both rewards up: fine
+    hacked = model("e2", [2.0, 2.1, 1.9], [4.0, 4.2, 4.1])            # train up, gold down: flagged twice
+    flags = overoptimization([base, good, hacked], "t", "g", threshold=1.0)
+    assert [(f["from"], f["to"]) for f in flags] == [("base", "e2"), ("e1", "e2")]
+    assert best_model([base, good, hacked], "g")["model"] == "e1"
+    assert overoptimization([base, hacked], "t", None, 1.0) == []
