@@ -122,8 +122,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *(line(row) for row in rows)])
 
 
-def plot_curves(curves: dict[str, tuple[list, list]], path: Path, ylabel: str = "reward (mean)") -> Path:
-    """Several ``label -> (epochs, values)`` curves in one PNG (e.g. the reward curves of a sweep's jobs)."""
+def plot_curves(curves: dict[str, tuple[list, list]], path: Path, ylabel: str = "reward (mean)",
+                xlabel: str = "epoch") -> Path:
+    """Several ``label -> (x, values)`` curves in one PNG (e.g. the reward curves of a sweep's jobs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +133,7 @@ def plot_curves(curves: dict[str, tuple[list, list]], path: Path, ylabel: str = 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (epochs, values) in curves.items():
         ax.plot(epochs, values, marker="o", markersize=3, label=label)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if curves:

@@ -30,7 +30,7 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
 
 
 def _job_number(path: Path) -> tuple[int, str]:
-    match = re.match(r"^(\d+)", path.name)
+    match = re.search(r"(\d+)", path.name)
     return (int(match.group(1)) if match else 1 << 30, path.name)
 
 
@@ -48,7 +48,18 @@ def job_summary(job: Path) -> dict:
             "final_reward": rewards[-1] if rows else None,
             "best_reward": rewards[best] if rows else None,
             "best_epoch": rows[best]["epoch"] if rows else None,
-            "curve": {"epochs": [row["epoch"] for row in rows], "reward_mean": rewards}}
+            "curve": {"epochs": [row["epoch"] for row in rows], "reward_mean": rewards,
+                      "reward_queries": cumulative([row["samples"] for row in rows]),
+                      "wall_seconds": cumulative([row["epoch_seconds"] for row in rows])}}
+
+
+def cumulative(values: list[float]) -> list[float]:
+    """Running totals: reward queries (samples) or wall-clock seconds spent up to the end of each epoch."""
+    total, out = 0.0, []
+    for value in values:
+        total += value
+        out.append(total)
+    return out
 
 
 def varying_overrides(all_overrides: list[list[str]]) -> list[list[str]]:
@@ -70,8 +81,13 @@ def summarise_sweep(sweep_dir: Path) -> dict:
     labels = [" ".join(o) or job["job"] for o, job in zip(varying_overrides([j["overrides"] for j in jobs]), jobs)]
     for job, label in zip(jobs, labels):
         job["label"] = label
-    plot = report.plot_curves({j["label"]: (j["curve"]["epochs"], j["curve"]["reward_mean"]) for j in jobs if j["epochs"]},
+    done = [j for j in jobs if j["epochs"]]
+    plot = report.plot_curves({j["label"]: (j["curve"]["epochs"], j["curve"]["reward_mean"]) for j in done},
                               sweep_dir / "sweep_rewards.png", ylabel="training reward (mean per epoch)")
+    for x, xlabel in (("reward_queries", "reward queries (samples scored)"), ("wall_seconds", "wall time (s)")):
+        report.plot_curves({j["label"]: (j["curve"][x], j["curve"]["reward_mean"]) for j in done},
+                           sweep_dir / f"sweep_rewards_vs_{x}.png", ylabel="training reward (mean per epoch)",
+                           xlabel=xlabel)
     finished = [j for j in jobs if j["best_reward"] is not None]
     best = max(finished, key=lambda j: j["final_reward"])["job"] if finished else None
     summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, "best_job_by_final_reward": best, "plot": plot.name}
@@ -81,7 +97,8 @@ def summarise_sweep(sweep_dir: Path) -> dict:
     table = report.markdown_table(["job", "overrides", "epochs", "final training reward", "best training reward"], rows)
     (sweep_dir / "sweep_summary.md").write_text(
         f"# Sweep summary: {sweep_dir}\n\n{table}\n\nBest final training reward: {best or '-'}\n\n"
-        f"![training reward curves]({plot.name})\n")
+        f"![training reward curves]({plot.name})\n\n![against reward queries](sweep_rewards_vs_reward_queries.png)"
+        f"\n\n![against wall time](sweep_rewards_vs_wall_seconds.png)\n")
     return summary
 
 

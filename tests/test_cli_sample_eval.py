@@ -201,7 +201,8 @@ def test_sweep_summary(cli, sweep):
     assert all(j["epochs"] == 2 and j["final_reward"] is not None for j in summary["jobs"])
     table = (sweep / "sweep_summary.md").read_text()
     assert "| seed=0 | 2 |" in table and "| seed=1 | 2 |" in table and "sweep_rewards.png" in table
-    assert (sweep / "sweep_rewards.png").exists()
+    assert (sweep / "sweep_rewards.png").exists() and (sweep / "sweep_rewards_vs_reward_queries.png").exists()
+    assert (sweep / "sweep_rewards_vs_wall_seconds.png").exists()
 
 
 def test_bad_input_is_one_line_exit_2(run, tmp_path):
