@@ -12,7 +12,7 @@ CONF = conf_dir()
 GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if group.is_dir()
                  for option in sorted(group.rglob("*.yaml")) if group.name != "experiment"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").rglob("*.yaml"))
-NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"],
+NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompts", "from_list"): ["prompts.prompts=[a cat]"],
          ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"]}
 
 
