@@ -106,6 +106,7 @@ class LogConfig:
     image_every: int = 1          # epochs between image grids and reward-curve plots (the last epoch always)
     grid_images: int = 16
     async_reward: bool = True
+    kl_to_base_every: int = 1     # epochs between KL-to-base measurements (0 = never); ~2 extra UNet calls each
 
 
 @dataclass

@@ -220,7 +220,9 @@ class Trainer:
         train_start = time.perf_counter()
         metrics = self.train_epoch(epoch, samples, targets)
         train_seconds = time.perf_counter() - train_start
-        metrics["kl_to_base"] = self.kl_to_base(samples)
+        every = self.cfg.log.kl_to_base_every
+        if every and epoch % every == 0:
+            metrics["kl_to_base"] = self.kl_to_base(samples)
         return samples, all_rewards, metrics, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds,
                                                "train_seconds": train_seconds}
 
