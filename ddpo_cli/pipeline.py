@@ -191,9 +191,8 @@ def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
     return (pipe.unet.config.in_channels, side // scale, side // scale)
 
 
-@torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents ``[B,C,h,w]`` -> images ``[B,3,H,W]`` float32 in [0, 1] (no gradient)."""
+    """Latents ``[B,C,h,w]`` -> images ``[B,3,H,W]`` float32 in [0, 1] (differentiable: reward backprop uses it)."""
     images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 

@@ -24,7 +24,7 @@ from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .config import build_algorithm, derive_counts, validate
 from .errors import UserError
-from .pipeline import PromptEmbeddingCache, load_pipeline, prepare_for_training
+from .pipeline import PromptEmbeddingCache, decode_latents, latent_shape, load_pipeline, prepare_for_training
 from .algorithms.dpok import gaussian_kl
 from .sampling import (NoiseSchedule, Trajectory, ddim_step_with_logprob, guided_noise_pred, sample_trajectory,
                        sample_with_grad)
@@ -136,7 +136,7 @@ class Trainer:
         self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
         self.embed = PromptEmbeddingCache(self.pipe, self.device)
         self.uncond = self.embed([""])[0]
-        self.latent_shape = self._latent_shape()
+        self.latent_shape = latent_shape(self.pipe, self.cfg.model.resolution)  # (C, h, w)
 
     def _quiet_libraries(self) -> None:
         import diffusers
@@ -146,13 +146,6 @@ class Trainer:
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-
-    def _latent_shape(self) -> tuple[int, int, int]:
-        scale = self.pipe.vae_scale_factor
-        side = self.cfg.model.resolution or self.pipe.unet.config.sample_size * scale
-        if side % scale:
-            raise UserError(f"model.resolution={side} is not a multiple of the VAE factor {scale}")
-        return (self.pipe.unet.config.in_channels, side // scale, side // scale)
 
     def _flat_config(self) -> dict:
         flat = {}
@@ -273,13 +266,7 @@ class Trainer:
         with self.accelerator.autocast():
             trajectory = sample_trajectory(unet, self.schedule, noise, cond, uncond, cfg.sampler.guidance_scale,
                                            cfg.sampler.eta, generator, self.weight_dtype)
-        return trajectory, self.decode(trajectory.final)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B,C,h,w]`` -> images ``[B,3,H,W]`` float32 in [0, 1]."""
-        vae = self.pipe.vae
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return trajectory, decode_latents(self.pipe.vae, trajectory.final)
 
     def _submit_reward(self, images, prompts, metadata):
         if self.cfg.log.async_reward:
@@ -444,7 +431,7 @@ class Trainer:
                 final = sample_with_grad(self.unet, self.schedule, noise, cond, self.uncond.expand_as(cond),
                                          cfg.sampler.guidance_scale, cfg.sampler.eta, keep, generator,
                                          self.weight_dtype, self.algo.checkpoint_unet)
-                images = self.decode(final)
+                images = decode_latents(self.pipe.vae, final)
                 batch_rewards, batch_info = self.reward_fn(images, batch_prompts, batch_meta)
                 loss, _ = self.algo.loss(rewards=batch_rewards)
                 self.accelerator.backward(loss / accumulation)
