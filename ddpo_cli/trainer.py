@@ -62,6 +62,15 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
+def merge_info(infos: list[dict]) -> dict[str, list]:
+    """Per-batch reward info dicts -> one dict of per-image lists (tensors become plain lists)."""
+    merged: dict[str, list] = {}
+    for info in infos:
+        for key, values in info.items():
+            merged.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
+    return merged
+
+
 @dataclass
 class EpochSamples:
     """Everything one epoch sampled on this process (B = samples per process)."""
@@ -219,11 +228,17 @@ class Trainer:
         return samples, all_rewards, metrics, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds,
                                                "train_seconds": train_seconds}
 
-    def sample_epoch(self, epoch: int) -> tuple[EpochSamples, float, float]:
-        """``num_batches_per_epoch`` batches; rewards run in a worker thread while the next batch samples."""
+    def epoch_randomness(self, epoch: int) -> tuple[random.Random, torch.Generator]:
+        """This process's prompt RNG and noise generator for ``epoch`` (a function of seed, epoch and rank only)."""
         cfg, rank = self.cfg, self.accelerator.process_index
         rng = random.Random(derive_seed(cfg.seed, epoch, rank, "prompts"))
         generator = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, epoch, rank, "noise"))
+        return rng, generator
+
+    def sample_epoch(self, epoch: int) -> tuple[EpochSamples, float, float]:
+        """``num_batches_per_epoch`` batches; rewards run in a worker thread while the next batch samples."""
+        cfg = self.cfg
+        rng, generator = self.epoch_randomness(epoch)
         unet = self.accelerator.unwrap_model(self.unet)
         unet.eval()
         trajectories, prompts, metadata, futures, images_kept = [], [], [], [], []
@@ -242,7 +257,7 @@ class Trainer:
         results = [f.result() if isinstance(f, Future) else f for f in futures]
         reward_seconds = time.perf_counter() - wait_start
         rewards = torch.cat([r for r, _ in results]).to(self.device)
-        info = {k: sum((list(i[k]) for _, i in results if k in i), []) for k in results[0][1]}
+        info = merge_info([i for _, i in results])
         trajectory = Trajectory(*(torch.cat([getattr(t, f) for t in trajectories]) for f in
                                   ("latents", "next_latents", "log_probs", "timesteps", "final")))
         return (EpochSamples(trajectory, prompts, metadata, rewards,
@@ -411,14 +426,13 @@ class Trainer:
 
     def backprop_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
         """Reward backprop (AlignProp / DRaFT): generate with the graph kept, loss = f(reward), backward, step."""
-        cfg, rank = self.cfg, self.accelerator.process_index
-        rng = random.Random(derive_seed(cfg.seed, epoch, rank, "prompts"))
-        truncation_rng = random.Random(derive_seed(cfg.seed, epoch, rank, "truncation"))
-        generator = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, epoch, rank, "noise"))
+        cfg = self.cfg
+        rng, generator = self.epoch_randomness(epoch)
+        truncation_rng = random.Random(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "truncation"))
         accumulation = cfg.train.gradient_accumulation_steps
         n_micro = self.counts.samples_per_process // cfg.train.batch_size
         self.unet.train()
-        rewards, prompts, metadata, images_kept, info, totals = [], [], [], [], {}, {}
+        rewards, prompts, metadata, images_kept, infos, totals = [], [], [], [], [], {}
         start = time.perf_counter()
         for micro in range(n_micro):
             pairs = self.prompt_set.sample(cfg.train.batch_size, rng)
@@ -442,15 +456,14 @@ class Trainer:
             rewards.append(batch_rewards.detach())
             prompts += batch_prompts
             metadata += batch_meta
-            for key, values in batch_info.items():
-                info.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
+            infos.append(batch_info)
             if sum(len(i) for i in images_kept) < cfg.log.grid_images:
                 images_kept.append(images.detach().cpu())
         train_seconds = time.perf_counter() - start
         local_rewards = torch.cat(rewards)
         all_rewards = self.accelerator.gather(local_rewards.float()).cpu().numpy()
         samples = EpochSamples(None, prompts, metadata, local_rewards, torch.cat(images_kept)[: cfg.log.grid_images],
-                               info)
+                               merge_info(infos))
         return samples, all_rewards, self.mean_over_processes(totals), {
             "sample_seconds": 0.0, "reward_seconds": 0.0, "train_seconds": train_seconds}
 
