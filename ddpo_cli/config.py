@@ -74,7 +74,9 @@ class TrainConfig:
     batch_size: int = 1           # samples per device per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     num_inner_epochs: int = 1
-    timestep_fraction: float = 1.0
+    timestep_fraction: float = 1.0   # share of the window's steps trained per sample (a fresh random subset each)
+    timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # part of the chain trained:
+    # 0 = the first (noisiest) step, 1 = the end. [0, 0.3] trains only the early steps that decide layout and count.
     timesteps_per_forward: int = 4  # (sample, timestep) pairs batched per UNet call = batch_size x this
     cfg: bool = True              # train through classifier-free guidance (as sampled)
     lr: float = 3e-4
@@ -141,12 +143,13 @@ class Counts:
     samples_per_epoch: int        # over all processes
     samples_per_process: int
     train_timesteps: int          # trained steps per trajectory
+    window: tuple[int, int]       # step indices [first, end) that training timesteps are drawn from
     updates_per_epoch: int        # optimizer steps per epoch (all inner epochs)
     pairs_per_update: int         # (sample, timestep) pairs per optimizer step per process
 
     def as_rows(self) -> list[tuple[str, str]]:
         return [("processes", str(self.num_processes)), ("samples / epoch", str(self.samples_per_epoch)),
-                ("trained timesteps / sample", str(self.train_timesteps)),
+                ("trained timesteps / sample", f"{self.train_timesteps} of steps {self.window[0]}..{self.window[1] - 1}"),
                 ("updates / epoch", str(self.updates_per_epoch)),
                 ("(sample, timestep) pairs / update / process", str(self.pairs_per_update))]
 
@@ -164,11 +167,21 @@ def derive_counts(cfg: DictConfig, num_processes: int = 1) -> Counts:
             f"samples per process per epoch = sampler.batch_size x sampler.num_batches_per_epoch = {s.batch_size} x "
             f"{s.num_batches_per_epoch} = {per_process} is not divisible by train.batch_size x "
             f"train.gradient_accumulation_steps = {t.batch_size} x {t.gradient_accumulation_steps} = {step_samples}")
-    train_timesteps = max(1, int(round(s.num_steps * t.timestep_fraction)))
+    window = step_window(s.num_steps, t.timestep_window)
+    train_timesteps = max(1, int(round((window[1] - window[0]) * t.timestep_fraction)))
     return Counts(num_processes=num_processes, samples_per_epoch=per_process * num_processes,
-                  samples_per_process=per_process, train_timesteps=train_timesteps,
+                  samples_per_process=per_process, train_timesteps=train_timesteps, window=window,
                   updates_per_epoch=per_process // step_samples * t.num_inner_epochs,
                   pairs_per_update=step_samples * train_timesteps)
+
+
+def step_window(num_steps: int, window) -> tuple[int, int]:
+    """``train.timestep_window`` [start, end] (fractions of the chain) -> step indices [first, end), never empty."""
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= 1:
+        raise UserError(f"train.timestep_window={list(window)}: use [start, end] with 0 <= start < end <= 1 "
+                        f"(fractions of the denoising chain, 0 = the first step)")
+    first = min(int(round(window[0] * num_steps)), num_steps - 1)
+    return first, max(first + 1, int(round(window[1] * num_steps)))
 
 
 def _require(ok: bool, message: str) -> None:

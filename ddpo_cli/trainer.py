@@ -309,14 +309,15 @@ class Trainer:
         """``num_inner_epochs`` passes over this rank's samples in optimizer steps of batch_size x accumulation."""
         cfg = self.cfg
         traj = samples.trajectory
-        n_samples, n_steps = traj.log_probs.shape
+        n_samples = traj.log_probs.shape[0]
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "shuffle"))
         totals: dict[str, float] = {}
         updates = 0
         self.unet.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
-            steps = torch.stack([torch.randperm(n_steps, generator=generator) for _ in range(n_samples)])
+            first, end = self.counts.window
+            steps = torch.stack([first + torch.randperm(end - first, generator=generator) for _ in range(n_samples)])
             steps = steps[:, : self.counts.train_timesteps]  # [B, T_train]: an independent subset per sample
             per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
             for first in range(0, n_samples, per_update):

@@ -158,3 +158,19 @@ def test_alignprop_gradients_reach_lora_only(make_trainer, truncation):
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed and all("lora" in n for n in changed)
     assert metrics["grad_norm"] > 0 and trainer.global_step == 1
+
+
+def test_timestep_window_trains_only_the_window(make_trainer):
+    # 4 steps, window [0, 0.5]: every trained (sample, step) pair is one of the first two denoising steps
+    trainer = make_trainer("sampler.num_steps=4", "train.timestep_window=[0,0.5]")
+    samples, _, _ = trainer.sample_epoch(0)
+    seen = []
+    original = trainer.policy_step
+
+    def recording(unet, traj, cond, rows, cols):
+        seen.extend(cols.tolist())
+        return original(unet, traj, cond, rows, cols)
+
+    trainer.policy_step = recording
+    trainer.train_epoch(0, samples, torch.ones(2))
+    assert sorted(seen) == [0, 0, 1, 1]  # 2 samples x both window steps, nothing else

@@ -40,6 +40,20 @@ def test_paper_recipe_counts():
     assert (alignment.samples_per_epoch, alignment.updates_per_epoch) == (288, 2)
 
 
+@pytest.mark.parametrize("window,fraction,expected", [
+    ([0.0, 1.0], 1.0, ((0, 10), 10)),
+    ([0.0, 0.3], 1.0, ((0, 3), 3)),     # the first three (noisiest) of ten steps
+    ([0.0, 0.3], 0.5, ((0, 3), 2)),     # half of the window, rounded
+    ([0.5, 1.0], 0.2, ((5, 10), 1)),
+    ([0.0, 0.01], 1.0, ((0, 1), 1)),    # never empty
+])
+def test_timestep_window_counts(window, fraction, expected):
+    cfg = compose("train", ["sampler.num_steps=10", f"train.timestep_window=[{window[0]},{window[1]}]",
+                            f"train.timestep_fraction={fraction}"])
+    counts = derive_counts(cfg)
+    assert (counts.window, counts.train_timesteps) == expected
+
+
 def test_experiment_overrides_are_not_lost():
     # `_self_` comes before `experiment` in train.yaml, so the experiment's values win over the defaults
     cfg = compose("train", ["experiment=tiny_compressibility"])
@@ -65,6 +79,9 @@ def test_composition_errors_are_one_line(override, message):
     ("reward.quality=high", "wrong type"),
     ("advantage.mode=group", "group_size"),
     ("train.timestep_fraction=0", "timestep_fraction"),
+    ("train.timestep_window=[0.5,0.5]", "timestep_window"),
+    ("train.timestep_window=[0,1.5]", "timestep_window"),
+    ("train.timestep_window=[0.2]", "timestep_window"),
     ("train.mixed_precision=fp8", "mixed_precision"),
     ("algo=alignprop", "not differentiable"),
     ("algo=draft reward=clip_score algo.k=60", "algo.k=60"),
