@@ -2,6 +2,8 @@
 
 Each job folder holds ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and ``metrics.jsonl``. The summary is written
 into the multirun dir: ``sweep_summary.md`` (table + plot), ``sweep_summary.json`` and ``sweep_rewards.png``.
+Jobs that differ only in ``seed`` are pooled into one configuration (mean +- standard error over seeds), and the
+reward-vs-queries / reward-vs-wall-time plots then draw one mean curve per configuration.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from . import report
 from .errors import UserError
+from .evaluate import mean_se
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 
@@ -70,6 +73,41 @@ def varying_overrides(all_overrides: list[list[str]]) -> list[list[str]]:
     return [[o for o in overrides if o not in shared] for overrides in all_overrides]
 
 
+def without_seed(label: str) -> str:
+    """A job label with its ``seed=...`` override removed: jobs that differ only in the seed share it."""
+    return " ".join(o for o in label.split() if not o.startswith("seed=")) or "(all jobs)"
+
+
+def gain(rewards: list[float], k: int = 3) -> float:
+    """Mean training reward of the last k epochs minus that of the first k (k shrinks for short runs)."""
+    k = max(1, min(k, len(rewards) // 2))
+    return sum(rewards[-k:]) / k - sum(rewards[:k]) / k
+
+
+def pool_seeds(jobs: list[dict]) -> list[dict]:
+    """One entry per configuration (jobs differing only in ``seed``): final reward and gain as mean +- s.e. over
+    seeds, and the mean curve over the epochs every seed reached."""
+    groups: dict[str, list[dict]] = {}
+    for job in jobs:
+        if job["epochs"]:
+            groups.setdefault(without_seed(job["label"]), []).append(job)
+    pooled = []
+    for config, members in groups.items():
+        epochs = min(j["epochs"] for j in members)
+        curve = {key: [sum(j["curve"][key][i] for j in members) / len(members) for i in range(epochs)]
+                 for key in ("epochs", "reward_mean", "reward_queries", "wall_seconds")}
+        final = mean_se([j["final_reward"] for j in members])
+        change = mean_se([gain(j["curve"]["reward_mean"]) for j in members])
+        pooled.append({"config": config, "seeds": len(members), "final_reward": final["mean"],
+                       "final_reward_se": final["se"], "gain": change["mean"], "gain_se": change["se"],
+                       "curve": curve})
+    return pooled
+
+
+def _pm(mean: float, se: float, signed: bool = False) -> str:
+    return (f"{mean:+.4f}" if signed else f"{mean:.4f}") + f" +- {se:.4f}"
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -84,19 +122,30 @@ def summarise_sweep(sweep_dir: Path) -> dict:
     done = [j for j in jobs if j["epochs"]]
     plot = report.plot_curves({j["label"]: (j["curve"]["epochs"], j["curve"]["reward_mean"]) for j in done},
                               sweep_dir / "sweep_rewards.png", ylabel="training reward (mean per epoch)")
+    pooled = pool_seeds(jobs)
+    by_seed_mean = any(p["seeds"] > 1 for p in pooled)
+    lines = [(p["config"] + (f" ({p['seeds']} seeds)" if by_seed_mean else ""), p["curve"]) for p in pooled] \
+        if by_seed_mean else [(j["label"], j["curve"]) for j in done]
     for x, xlabel in (("reward_queries", "reward queries (samples scored)"), ("wall_seconds", "wall time (s)")):
-        report.plot_curves({j["label"]: (j["curve"][x], j["curve"]["reward_mean"]) for j in done},
-                           sweep_dir / f"sweep_rewards_vs_{x}.png", ylabel="training reward (mean per epoch)",
+        report.plot_curves({label: (curve[x], curve["reward_mean"]) for label, curve in lines},
+                           sweep_dir / f"sweep_rewards_vs_{x}.png",
+                           ylabel="training reward" + (" (mean over seeds)" if by_seed_mean else " (mean per epoch)"),
                            xlabel=xlabel)
     finished = [j for j in jobs if j["best_reward"] is not None]
     best = max(finished, key=lambda j: j["final_reward"])["job"] if finished else None
-    summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, "best_job_by_final_reward": best, "plot": plot.name}
+    summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, "configs": pooled, "best_job_by_final_reward": best,
+               "plot": plot.name}
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
     rows = [[j["job"], j["label"], j["epochs"], _fmt(j["final_reward"]), f"{_fmt(j['best_reward'])} "
              f"(epoch {j['best_epoch']})" if j["epochs"] else "-"] for j in jobs]
     table = report.markdown_table(["job", "overrides", "epochs", "final training reward", "best training reward"], rows)
+    pooled_rows = [[p["config"], p["seeds"], _pm(p["final_reward"], p["final_reward_se"]),
+                    _pm(p["gain"], p["gain_se"], signed=True)] for p in pooled]
+    pooled_table = report.markdown_table(
+        ["configuration", "seeds", "final training reward", "gain (last 3 - first 3 epochs)"], pooled_rows)
     (sweep_dir / "sweep_summary.md").write_text(
         f"# Sweep summary: {sweep_dir}\n\n{table}\n\nBest final training reward: {best or '-'}\n\n"
+        f"## Per configuration (seeds pooled: mean +- standard error)\n\n{pooled_table}\n\n"
         f"![training reward curves]({plot.name})\n\n![against reward queries](sweep_rewards_vs_reward_queries.png)"
         f"\n\n![against wall time](sweep_rewards_vs_wall_seconds.png)\n")
     return summary

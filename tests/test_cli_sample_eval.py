@@ -203,6 +203,32 @@ def test_sweep_summary(cli, sweep):
     assert "| seed=0 | 2 |" in table and "| seed=1 | 2 |" in table and "sweep_rewards.png" in table
     assert (sweep / "sweep_rewards.png").exists() and (sweep / "sweep_rewards_vs_reward_queries.png").exists()
     assert (sweep / "sweep_rewards_vs_wall_seconds.png").exists()
+    # the two jobs differ only in the seed: one pooled configuration, mean +- s.e. over the two seeds
+    (pooled,) = summary["configs"]
+    finals = [j["final_reward"] for j in summary["jobs"]]
+    assert pooled["seeds"] == 2 and pooled["final_reward"] == pytest.approx(sum(finals) / 2)
+    assert pooled["final_reward_se"] == pytest.approx(abs(finals[0] - finals[1]) / 2)
+    assert "seeds pooled" in table
+
+
+def test_seed_pooling_by_hand():
+    from ddpo_cli.sweep import gain, pool_seeds
+
+    def job(label, rewards):
+        n = len(rewards)
+        return {"label": label, "epochs": n, "final_reward": rewards[-1],
+                "curve": {"epochs": list(range(n)), "reward_mean": rewards, "reward_queries": [8 * (i + 1) for i in
+                          range(n)], "wall_seconds": [1.0 * (i + 1) for i in range(n)]}}
+
+    assert gain([0, 1, 2, 3, 4, 5, 6]) == pytest.approx(5 - 1)      # last 3 (4, 5, 6) minus first 3 (0, 1, 2)
+    assert gain([1.0, 3.0]) == pytest.approx(2.0)                    # k shrinks to 1 for a 2-epoch run
+    jobs = [job("algo=a seed=0", [0.0, 1.0]), job("algo=a seed=1", [0.0, 3.0, 9.0]), job("algo=b seed=0", [5.0, 5.0])]
+    a, b = pool_seeds(jobs)
+    assert (a["config"], a["seeds"], b["config"], b["seeds"]) == ("algo=a", 2, "algo=b", 1)
+    assert a["final_reward"] == pytest.approx(5.0) and a["final_reward_se"] == pytest.approx(4.0)
+    assert a["gain"] == pytest.approx((1.0 + 9.0) / 2) and a["gain_se"] == pytest.approx(4.0)
+    assert a["curve"]["reward_mean"] == [0.0, 2.0]                   # mean over seeds, epochs both reached
+    assert b["gain"] == 0.0 and b["gain_se"] == 0.0
 
 
 def test_bad_input_is_one_line_exit_2(run, tmp_path):
