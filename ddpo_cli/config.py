@@ -214,7 +214,7 @@ def validate(cfg: DictConfig) -> None:
              f"advantage.mode={a.mode!r}: choose per_prompt, batch or group")
     _require(a.mode != "group" or s.group_size > 1,
              "advantage.mode=group needs sampler.group_size > 1 (k images per prompt)")
-    _require(a.mode != "group" or kind == "policy_gradient",
+    _require(a.mode != "group" or kind in ("policy_gradient", "none"),
              f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not {kind}")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")

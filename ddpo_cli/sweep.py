@@ -3,7 +3,9 @@
 Each job folder holds ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and ``metrics.jsonl``. The summary is written
 into the multirun dir: ``sweep_summary.md`` (table + plot), ``sweep_summary.json`` and ``sweep_rewards.png``.
 Jobs that differ only in ``seed`` are pooled into one configuration (mean +- standard error over seeds), and the
-reward-vs-queries / reward-vs-wall-time plots then draw one mean curve per configuration.
+reward-vs-queries / reward-vs-wall-time plots then draw one mean curve per configuration. If the sweep includes
+``algo=baseline`` (no updates; same prompts and noise per seed), every configuration is also compared with it seed by
+seed, which removes the luck of the prompt draw from the comparison.
 """
 from __future__ import annotations
 
@@ -78,10 +80,39 @@ def without_seed(label: str) -> str:
     return " ".join(o for o in label.split() if not o.startswith("seed=")) or "(all jobs)"
 
 
+def seed_of(label: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in label.split() if o.startswith("seed=")), None)
+
+
+def window(rewards: list[float], k: int = 3) -> int:
+    return max(1, min(k, len(rewards) // 2))
+
+
+def late_mean(rewards: list[float], k: int = 3) -> float:
+    """Mean training reward of the last k epochs (k shrinks for short runs)."""
+    k = window(rewards, k)
+    return sum(rewards[-k:]) / k
+
+
 def gain(rewards: list[float], k: int = 3) -> float:
     """Mean training reward of the last k epochs minus that of the first k (k shrinks for short runs)."""
-    k = max(1, min(k, len(rewards) // 2))
-    return sum(rewards[-k:]) / k - sum(rewards[:k]) / k
+    k = window(rewards, k)
+    return late_mean(rewards, k) - sum(rewards[:k]) / k
+
+
+def versus_baseline(pooled: list[dict], groups: dict[str, list[dict]]) -> None:
+    """With an ``algo=baseline`` configuration in the sweep, add to every configuration its last-epochs reward minus
+    the baseline's, paired seed by seed (same prompts and noise), as ``vs_baseline`` / ``vs_baseline_se``."""
+    controls = [config for config in groups if "algo=baseline" in config.split()]
+    if len(controls) != 1:
+        return
+    control = {seed_of(j["label"]): late_mean(j["curve"]["reward_mean"]) for j in groups[controls[0]]}
+    for entry in pooled:
+        diffs = [late_mean(j["curve"]["reward_mean"]) - control[seed_of(j["label"])]
+                 for j in groups[entry["config"]] if seed_of(j["label"]) in control]
+        if diffs:
+            paired = mean_se(diffs)
+            entry["vs_baseline"], entry["vs_baseline_se"] = paired["mean"], paired["se"]
 
 
 def pool_seeds(jobs: list[dict]) -> list[dict]:
@@ -101,6 +132,7 @@ def pool_seeds(jobs: list[dict]) -> list[dict]:
         pooled.append({"config": config, "seeds": len(members), "final_reward": final["mean"],
                        "final_reward_se": final["se"], "gain": change["mean"], "gain_se": change["se"],
                        "curve": curve})
+    versus_baseline(pooled, groups)
     return pooled
 
 
@@ -140,9 +172,12 @@ def summarise_sweep(sweep_dir: Path) -> dict:
              f"(epoch {j['best_epoch']})" if j["epochs"] else "-"] for j in jobs]
     table = report.markdown_table(["job", "overrides", "epochs", "final training reward", "best training reward"], rows)
     pooled_rows = [[p["config"], p["seeds"], _pm(p["final_reward"], p["final_reward_se"]),
-                    _pm(p["gain"], p["gain_se"], signed=True)] for p in pooled]
+                    _pm(p["gain"], p["gain_se"], signed=True),
+                    _pm(p["vs_baseline"], p["vs_baseline_se"], signed=True) if "vs_baseline" in p else "-"]
+                   for p in pooled]
     pooled_table = report.markdown_table(
-        ["configuration", "seeds", "final training reward", "gain (last 3 - first 3 epochs)"], pooled_rows)
+        ["configuration", "seeds", "final training reward", "gain (last 3 - first 3 epochs)",
+         "last 3 epochs vs algo=baseline (paired by seed)"], pooled_rows)
     (sweep_dir / "sweep_summary.md").write_text(
         f"# Sweep summary: {sweep_dir}\n\n{table}\n\nBest final training reward: {best or '-'}\n\n"
         f"## Per configuration (seeds pooled: mean +- standard error)\n\n{pooled_table}\n\n"

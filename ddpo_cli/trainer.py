@@ -220,7 +220,7 @@ class Trainer:
         samples, sample_seconds, reward_seconds = self.sample_epoch(epoch)
         targets, all_rewards = self.training_targets(samples)
         train_start = time.perf_counter()
-        metrics = self.train_epoch(epoch, samples, targets)
+        metrics = {} if self.algo.kind == "none" else self.train_epoch(epoch, samples, targets)
         train_seconds = time.perf_counter() - train_start
         every = self.cfg.log.kl_to_base_every
         if every and epoch % every == 0:

@@ -228,7 +228,11 @@ def test_seed_pooling_by_hand():
     assert a["final_reward"] == pytest.approx(5.0) and a["final_reward_se"] == pytest.approx(4.0)
     assert a["gain"] == pytest.approx((1.0 + 9.0) / 2) and a["gain_se"] == pytest.approx(4.0)
     assert a["curve"]["reward_mean"] == [0.0, 2.0]                   # mean over seeds, epochs both reached
-    assert b["gain"] == 0.0 and b["gain_se"] == 0.0
+    assert b["gain"] == 0.0 and b["gain_se"] == 0.0 and "vs_baseline" not in a
+    control = [job("algo=baseline seed=0", [1.0, 2.0]), job("algo=baseline seed=1", [1.0, 1.0, 1.0])]
+    a, b, base = pool_seeds(jobs + control)
+    assert a["vs_baseline"] == pytest.approx(((1.0 - 2.0) + (9.0 - 1.0)) / 2)   # last epoch vs control, per seed
+    assert b["vs_baseline"] == pytest.approx(5.0 - 2.0) and base["vs_baseline"] == 0.0
 
 
 def test_bad_input_is_one_line_exit_2(run, tmp_path):

@@ -141,14 +141,15 @@ def test_every_algorithm_runs_end_to_end_in_one_sweep(tmp_path):
     # is reset between sweep jobs
     sweep = tmp_path / "sweep"
     result = run_cli("train", "-m", *FAST, "train.num_epochs=1", "log.tracker=none",
-                     "algo=ddpo_sf,rwr,rwr_sparse,dpok", f"hydra.sweep.dir={sweep}")
+                     "algo=ddpo_sf,rwr,rwr_sparse,dpok,baseline", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     backprop = run_cli("train", "-m", *FAST, "train.num_epochs=1", "log.tracker=none", "reward=custom",
                        "algo=alignprop,draft", f"hydra.sweep.dir={sweep / 'backprop'}")
     assert backprop.returncode == 0, backprop.stderr[-3000:]
     jobs = sorted(sweep.glob("job_*")) + sorted((sweep / "backprop").glob("job_*"))
-    assert len(jobs) == 6
+    assert len(jobs) == 7
     for job in jobs:
         row = read_metrics(job)[0]
-        assert row["global_step"] == 1 and row["samples"] == 4, job
+        no_update = "algo=baseline" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert row["global_step"] == (0 if no_update else 1) and row["samples"] == 4, job
         assert (job / "checkpoints" / "epoch_0000" / "pytorch_lora_weights.safetensors").exists()

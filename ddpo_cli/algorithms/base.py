@@ -4,6 +4,7 @@
   (when ``needs_base``) the step means of the base model; ``loss(log_prob, old_log_prob, advantages, ...)``.
 - ``denoising``: per (sample, noise draw) denoising errors and per-sample weights; ``loss(errors, weights)``.
 - ``backprop``: the rewards of images generated with the graph kept; ``loss(rewards)``.
+- ``none``: no update at all (the control run of a comparison).
 """
 from __future__ import annotations
 
