@@ -130,7 +130,12 @@ def evaluate_model(sampler: ImageSampler, name: str, path: Path | None, cfg: Dic
     sampler.use(path, cfg.lora_scale)
     console.print(f"eval: {name}: {len(specs)} images")
     images = sampler.generate([s.prompt for s in specs], [s.seed for s in specs])     # [N, 3, H, W]
-    values = {key: np.asarray(score(fn, images, specs, cfg.sampler.batch_size)[0]) for key, fn in rewards.items()}
+    values = {}
+    for key, fn in rewards.items():
+        scores, info = score(fn, images, specs, cfg.sampler.batch_size)
+        values[key] = np.asarray(scores)
+        values.update({f"{key}/{name}": column for name, column in report.numeric_columns(info).items()
+                       if column.size == len(specs)})  # e.g. shapes_counting/exact: accuracy, paired like a reward
     grid_ids = [k for k, s in enumerate(specs) if s.image_index == 0][: cfg.grid_prompts]
     return ModelEval(name, str(path) if path else None, epoch_of(path) if path else None, values,
                      pairwise_diversity(images, [s.prompt_index for s in specs], cfg.diversity_size), images[grid_ids])

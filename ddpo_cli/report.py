@@ -101,17 +101,22 @@ def startup_table(title: str, rows: list[tuple[str, str]]):
     return table
 
 
-def numeric_means(info: dict) -> dict[str, float]:
-    """Per-image numeric lists in a reward's info -> their means (for metrics.jsonl)."""
+def numeric_columns(info: dict) -> dict[str, np.ndarray]:
+    """The per-image numeric lists of a reward's info as float arrays (text and other values are skipped)."""
     out = {}
     for key, values in info.items():
         try:
             array = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
         except (TypeError, ValueError):
             continue
-        if array.size:
-            out[key] = float(array.mean())
+        if array.ndim == 1 and array.size:
+            out[key] = array
     return out
+
+
+def numeric_means(info: dict) -> dict[str, float]:
+    """Per-image numeric lists in a reward's info -> their means (for metrics.jsonl)."""
+    return {key: float(array.mean()) for key, array in numeric_columns(info).items()}
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -180,6 +180,9 @@ def test_eval_report(cli, run):
     base, tuned = summary["models"][0], summary["models"][2]
     assert base["rewards"]["gold"]["mean"] == pytest.approx(-base["rewards"]["jpeg_compressibility"]["mean"])
     assert base["rewards"]["gold"]["n"] == 4 and base["diversity"]["n"] == 2 and base["diversity"]["mean"] > 0
+    # numeric reward info becomes a column of its own (JPEG size in kB = -compressibility), paired like a reward
+    assert base["rewards"]["jpeg_compressibility/jpeg_kb"]["mean"] == pytest.approx(
+        -base["rewards"]["jpeg_compressibility"]["mean"])
     assert tuned["change_vs_base"]["jpeg_compressibility"]["mean"] == pytest.approx(
         tuned["rewards"]["jpeg_compressibility"]["mean"] - base["rewards"]["jpeg_compressibility"]["mean"], abs=1e-9)
     # gold = -train here, so a flag appears exactly where the training reward rose by more than one standard error
