@@ -10,8 +10,11 @@ with the number of samples; independent score-function batches show how noisy on
     python scripts/gradient_check.py                          # tiny_shapes, brightness, 6 steps, 8 x 64 samples
     python scripts/gradient_check.py --batches 16 -- train.timestep_window=[0,0.5]
 
-Measured on tiny_shapes (res 16, 4 steps, 8 x 64 samples): pairwise cosine of single batches -0.07 (noise),
-summed batches vs pathwise +0.18; the late steps carry most of the score-function norm.
+Measured with the defaults (32x32, 6 steps, 2 CPU threads, ~2 min): pathwise self-cosine 0.86, score-function
+batches pairwise +0.02 on average, 8 batches summed vs pathwise +0.20. Measured (46 s) with ``-- model.resolution=16 sampler.num_steps=4``: pathwise self-cosine 0.90; single
+64-sample score-function batches vs pathwise between -0.11 and +0.29 (pairwise between batches -0.07 on average,
+i.e. one batch is mostly noise); the 8 batches summed vs pathwise +0.19. The estimator is unbiased but needs hundreds
+of samples per direction on this model: that, not a sign error, is why DDPO moves tiny_shapes slowly.
 """
 from __future__ import annotations
 
