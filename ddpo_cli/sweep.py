@@ -84,19 +84,20 @@ def seed_of(label: str) -> str | None:
     return next((o.split("=", 1)[1] for o in label.split() if o.startswith("seed=")), None)
 
 
-def window(rewards: list[float], k: int = 3) -> int:
+def edge_epochs(rewards: list[float], k: int = 3) -> int:
+    """How many epochs at each end to average: k, fewer for runs shorter than 2k epochs, at least 1."""
     return max(1, min(k, len(rewards) // 2))
 
 
 def late_mean(rewards: list[float], k: int = 3) -> float:
     """Mean training reward of the last k epochs (k shrinks for short runs)."""
-    k = window(rewards, k)
+    k = edge_epochs(rewards, k)
     return sum(rewards[-k:]) / k
 
 
 def gain(rewards: list[float], k: int = 3) -> float:
     """Mean training reward of the last k epochs minus that of the first k (k shrinks for short runs)."""
-    k = window(rewards, k)
+    k = edge_epochs(rewards, k)
     return late_mean(rewards, k) - sum(rewards[:k]) / k
 
 

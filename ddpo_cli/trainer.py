@@ -313,11 +313,12 @@ class Trainer:
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "shuffle"))
         totals: dict[str, float] = {}
         updates = 0
+        window_start, window_end = self.counts.window
         self.unet.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
-            first, end = self.counts.window
-            steps = torch.stack([first + torch.randperm(end - first, generator=generator) for _ in range(n_samples)])
+            steps = torch.stack([window_start + torch.randperm(window_end - window_start, generator=generator)
+                                 for _ in range(n_samples)])
             steps = steps[:, : self.counts.train_timesteps]  # [B, T_train]: an independent subset per sample
             per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
             for first in range(0, n_samples, per_update):
