@@ -108,6 +108,7 @@ class LogConfig:
     image_every: int = 1          # epochs between image grids and reward-curve plots (the last epoch always)
     grid_images: int = 16
     async_reward: bool = True
+    reward_worker_threads: int = 1  # torch CPU threads of the async reward thread (more slow the sampler)
     kl_to_base_every: int = 1     # epochs between KL-to-base measurements (0 = never); ~2 extra UNet calls each
 
 
@@ -203,7 +204,7 @@ def validate(cfg: DictConfig) -> None:
     _require(s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1")
     for key in ("sampler.batch_size", "sampler.num_batches_per_epoch", "train.batch_size",
                 "train.gradient_accumulation_steps", "train.num_epochs", "train.num_inner_epochs",
-                "train.timesteps_per_forward", "checkpoint.every"):
+                "train.timesteps_per_forward", "checkpoint.every", "log.reward_worker_threads"):
         value = OmegaConf.select(cfg, key)
         _require(value >= 1, f"{key}={value}: must be >= 1")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction}: must be in (0, 1]")
@@ -310,7 +311,8 @@ def check_target(node: Any, where: str) -> None:
             if accepts_any:
                 continue
             raise UserError(f"{where}.{key} is not an option of {node._target_}: known keys are "
-                            f"{', '.join(k for k in params if k not in ('self', 'args', 'kwargs')) or 'none'}")
+                            f"{', '.join(k for k in params if k not in ('self', 'args', 'kwargs')) or 'none'} "
+                            f"(drop it with ~{where}.{key})")
         value = node._get_node(key)._value() if OmegaConf.is_interpolation(node, key) else node[key]
         if not OmegaConf.is_interpolation(node, key) and not _type_ok(value, hints.get(key, params[key].annotation)):
             raise UserError(f"{where}.{key}={value!r} has the wrong type: {node._target_} expects "
