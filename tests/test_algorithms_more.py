@@ -174,3 +174,10 @@ def test_timestep_window_trains_only_the_window(make_trainer):
     trainer.policy_step = recording
     trainer.train_epoch(0, samples, torch.ones(2))
     assert sorted(seen) == [0, 0, 1, 1]  # 2 samples x both window steps, nothing else
+
+
+def test_reward_thread_runs_torch_with_its_own_thread_count(make_trainer):
+    # a full-size torch thread team in the reward thread slows the main thread's ops ~1.7x on small CPUs
+    trainer = make_trainer("log.reward_worker_threads=1")
+    assert trainer.executor.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == 2  # the main thread keeps `threads`
