@@ -10,8 +10,9 @@ with the number of samples; independent score-function batches show how noisy on
     python scripts/gradient_check.py                          # tiny_shapes, brightness, 6 steps, 8 x 64 samples
     python scripts/gradient_check.py --batches 16 -- train.timestep_window=[0,0.5]
 
-Measured with the defaults (32x32, 6 steps, 2 CPU threads, ~2 min): pathwise self-cosine 0.86, score-function
-batches pairwise +0.02 on average, 8 batches summed vs pathwise +0.20. Measured (46 s) with ``-- model.resolution=16 sampler.num_steps=4``: pathwise self-cosine 0.90; single
+Measured with the defaults (32x32, 6 steps, ~35 s with 2 threads, ~105 s with 1): pathwise self-cosine 0.81-0.88;
+score-function batches pairwise -0.04 to +0.02 on average; 8 batches (512 samples) summed vs pathwise +0.20,
++0.135, +0.036 and -0.028 for seeds 42, 1, 2, 3 (`-- seed=N`). So even 512 samples do not reliably point uphill. Measured (46 s) with ``-- model.resolution=16 sampler.num_steps=4``: pathwise self-cosine 0.90; single
 64-sample score-function batches vs pathwise between -0.11 and +0.29 (pairwise between batches -0.07 on average,
 i.e. one batch is mostly noise); the 8 batches summed vs pathwise +0.19. The estimator is unbiased but needs hundreds
 of samples per direction on this model: that, not a sign error, is why DDPO moves tiny_shapes slowly.
