@@ -40,7 +40,7 @@ class ModelEval:
     epoch: int | None
     rewards: dict[str, np.ndarray]   # reward name -> [N] (one value per image, in plan order)
     diversity: np.ndarray            # [P] mean pairwise distance among each prompt's images
-    grid: torch.Tensor               # [G, 3, H, W] image 0 of the first G prompts
+    grid: torch.Tensor               # [G, 3, H, W] the images of ``grid_specs`` (same order)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -136,9 +136,15 @@ def evaluate_model(sampler: ImageSampler, name: str, path: Path | None, cfg: Dic
         values[key] = np.asarray(scores)
         values.update({f"{key}/{name}": column for name, column in report.numeric_columns(info).items()
                        if column.size == len(specs)})  # e.g. shapes_counting/exact: accuracy, paired like a reward
-    grid_ids = [k for k, s in enumerate(specs) if s.image_index == 0][: cfg.grid_prompts]
     return ModelEval(name, str(path) if path else None, epoch_of(path) if path else None, values,
-                     pairwise_diversity(images, [s.prompt_index for s in specs], cfg.diversity_size), images[grid_ids])
+                     pairwise_diversity(images, [s.prompt_index for s in specs], cfg.diversity_size),
+                     images[grid_specs(specs, cfg.grid_prompts, cfg.grid_images)])
+
+
+def grid_specs(specs: list[ImageSpec], prompts: int, images: int) -> list[int]:
+    """Plan indices shown in comparison.png: the first ``images`` images of each of the first ``prompts`` prompts."""
+    shown = list(dict.fromkeys(s.prompt_index for s in specs))[:prompts]
+    return [k for k, s in enumerate(specs) if s.prompt_index in shown and s.image_index < images]
 
 
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -191,7 +197,8 @@ def write_outputs(out_dir: Path, cfg: DictConfig, summary: dict, models: list[Mo
                   specs: list[ImageSpec]) -> None:
     files = {"report": "eval.md", "samples": "eval_samples.jsonl"}
     if cfg.grid_prompts and len(models[0].grid):
-        comparison_grid(models, specs, summary["train_reward"]).save(out_dir / "comparison.png")
+        comparison_grid(models, specs, summary["train_reward"], cfg.grid_prompts, cfg.grid_images).save(
+            out_dir / "comparison.png")
         files["comparison"] = "comparison.png"
     if report.plot_reward_curve(Path(cfg.run), out_dir / "reward_curve.png"):
         files["reward_curve"] = "reward_curve.png"
@@ -206,13 +213,24 @@ def write_outputs(out_dir: Path, cfg: DictConfig, summary: dict, models: list[Mo
     (out_dir / "eval.md").write_text(markdown(summary))
 
 
-def comparison_grid(models: list[ModelEval], specs: list[ImageSpec], train: str):
-    """Rows: image 0 of the first prompts; columns: base, then each checkpoint (same seed along a row).
-    Captions: model, training reward of the image, prompt."""
-    rows = [k for k, s in enumerate(specs) if s.image_index == 0][: len(models[0].grid)]
-    images = torch.stack([m.grid[r] for r in range(len(rows)) for m in models])   # [rows * models, 3, H, W]
-    captions = [f"{m.name} {m.rewards[train][k]:.3g}: {specs[k].prompt}" for k in rows for m in models]
-    return report.image_grid(images, captions, columns=len(models), min_cell=160)
+def comparison_grid(models: list[ModelEval], specs: list[ImageSpec], train: str, prompts: int, images: int):
+    """One row per (prompt, model): base first, then each checkpoint; columns are the prompt's first images, drawn
+    from the same seeds by every model. Captions: model, training reward of the image, prompt."""
+    ids = grid_specs(specs, prompts, images)
+    by_prompt: dict[int, list[int]] = {}
+    for position, k in enumerate(ids):
+        by_prompt.setdefault(specs[k].prompt_index, []).append(position)
+    columns = max(len(positions) for positions in by_prompt.values())
+    cells, captions = [], []
+    for positions in by_prompt.values():
+        for m in models:
+            for position in positions:
+                cells.append(m.grid[position])
+                captions.append(f"{m.name} {m.rewards[train][ids[position]]:.3g}: {specs[ids[position]].prompt}")
+            blank = columns - len(positions)
+            cells += [torch.ones_like(m.grid[0])] * blank
+            captions += [""] * blank
+    return report.image_grid(torch.stack(cells), captions, columns=columns, min_cell=160)
 
 
 def markdown(summary: dict) -> str:

@@ -52,7 +52,8 @@ class EvalConfig(GenerateConfig):
     checkpoints: Any = "latest"       # latest | all | a list of epochs / epoch_XXXX names / checkpoint folders
     rewards: Dict[str, Any] = field(default_factory=dict)  # extra rewards: name -> reward option or _target_ node
     gold: Optional[str] = None        # which reward judges over-optimisation; null = rewards.gold or the first extra
-    grid_prompts: int = 4             # rows of the side-by-side grid
+    grid_prompts: int = 4             # prompts shown in the side-by-side grid (comparison.png)
+    grid_images: int = 4              # images per prompt and model in that grid (the same seeds for every model)
     diversity_size: int = 32          # images are downsampled to this side before the pairwise distance
     overopt_threshold: float = 1.0    # a change counts when |mean| > threshold x its paired standard error
 
@@ -248,7 +249,8 @@ def validate_eval(cfg: DictConfig) -> None:
         return
     _require(bool(cfg.run), "ddpo eval needs run=<run dir> (or sweep=<multirun dir> to summarise a sweep)")
     validate_common(cfg)
-    _require(cfg.grid_prompts >= 0 and cfg.diversity_size >= 4, "grid_prompts must be >= 0, diversity_size >= 4")
+    _require(cfg.grid_prompts >= 0 and cfg.grid_images >= 1 and cfg.diversity_size >= 4,
+             "grid_prompts must be >= 0, grid_images >= 1, diversity_size >= 4")
     names = set(extra_rewards(cfg))
     _require(cfg.gold is None or cfg.gold in names,
              f"gold={cfg.gold!r} is not one of the rewards ({', '.join(sorted(names)) or 'none given'}): "

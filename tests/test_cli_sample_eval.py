@@ -195,6 +195,17 @@ def test_eval_report(cli, run):
         assert text in report, text
     assert (out / "comparison.png").exists() and (out / "reward_curve.png").exists()
     assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 3 * 4
+    # 2 prompts x 3 models rows, each prompt's 2 images as columns (160 px cells, 24 px captions)
+    assert Image.open(out / "comparison.png").size == (2 * 160, 6 * (160 + 24))
+
+
+def test_comparison_grid_shows_the_first_images_of_the_first_prompts():
+    from ddpo_cli.evaluate import grid_specs
+    from ddpo_cli.sample import ImageSpec
+
+    specs = [ImageSpec(p, i, f"prompt {p}", {}, 100 * p + i) for p in (5, 2, 7) for i in range(3)]
+    assert grid_specs(specs, prompts=2, images=2) == [0, 1, 3, 4]
+    assert grid_specs(specs, prompts=4, images=1) == [0, 3, 6]
 
 
 def test_sweep_summary(cli, sweep):
