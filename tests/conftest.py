@@ -43,3 +43,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-learning", action="store_true",
+                     help="also run the multi-seed learning checks marked `learning` (minutes each; not in CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-learning"):
+        return
+    skip = pytest.mark.skip(reason="multi-seed learning check: run with --run-learning")
+    for item in items:
+        if "learning" in item.keywords:
+            item.add_marker(skip)

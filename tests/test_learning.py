@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddpo_cli.cli import compose
+from ddpo_cli.report import read_metrics
 from ddpo_cli.trainer import Trainer, derive_seed
 
 pytestmark = pytest.mark.slow
@@ -48,3 +49,37 @@ def test_alignprop_raises_a_differentiable_reward(seed):
                                       "train.batch_size=4", "train.gradient_accumulation_steps=1",
                                       "train.num_epochs=4", f"seed={seed}")
     assert after > before + 0.02, (before, after)
+
+
+def quickstart_gain_over_base(seed: int, *overrides: str, last_epochs: int = 10) -> tuple[float, float]:
+    """Train `experiment=quickstart` and compare each of its last epochs' samples with the base model's samples from
+    the same prompts and noise (the epoch's own generator, LoRA switched off). Returns the mean and standard error
+    over those epochs of the paired difference in exact-count accuracy."""
+    from ddpo_cli.trainer import adapters_disabled
+
+    cfg = compose("train", ["experiment=quickstart", f"seed={seed}", "log.tracker=none", "threads=2",
+                            "log.image_every=1000", "checkpoint.every=1000", *overrides])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))
+        trainer.setup()
+        try:
+            trainer.train()
+            tuned = [row["reward_info/exact"] for row in read_metrics(Path(run_dir))][-last_epochs:]
+            first = cfg.train.num_epochs - last_epochs
+            with adapters_disabled(trainer.accelerator.unwrap_model(trainer.unet)):
+                base = [float(torch.tensor(trainer.sample_epoch(epoch)[0].info["exact"], dtype=torch.float).mean())
+                        for epoch in range(first, cfg.train.num_epochs)]
+        finally:
+            trainer.cleanup()
+    gains = torch.tensor(tuned) - torch.tensor(base)
+    return float(gains.mean()), float(gains.std() / len(gains) ** 0.5)
+
+
+@pytest.mark.learning
+def test_quickstart_raises_counting_accuracy_over_seeds():
+    # Measured (README, toy-world README): +7.8, -1.4, +7.3, +8.6 points for seeds 0, 1, 2, 42, i.e. up in 3 of 4
+    # seeds. The claim checked here is the README's: on average over seeds, clearly up. ~2 min per seed on 2 cores.
+    gains = [quickstart_gain_over_base(seed) for seed in (0, 1, 2, 42)]
+    mean_gain = sum(g for g, _ in gains) / len(gains)
+    assert mean_gain > 0.03, gains
+    assert sum(g > 0 for g, _ in gains) >= 3, gains
