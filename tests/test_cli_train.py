@@ -153,3 +153,20 @@ def test_every_algorithm_runs_end_to_end_in_one_sweep(tmp_path):
         no_update = "algo=baseline" in (job / ".hydra" / "overrides.yaml").read_text()
         assert row["global_step"] == (0 if no_update else 1) and row["samples"] == 4, job
         assert (job / "checkpoints" / "epoch_0000" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_quickstart_smoke_run_and_its_eval(tmp_path):
+    # the README's main job, shortened to 2 epochs of one 32-image batch (4 groups x 8), then the README's eval
+    run_dir = tmp_path / "quickstart"
+    result = run_cli("train", "experiment=quickstart", "train.num_epochs=2", "sampler.num_batches_per_epoch=1",
+                     "log.tracker=none", "threads=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["samples"] for r in rows] == [32, 32] and rows[1]["global_step"] == 4  # 32 / 16 = 2 updates per epoch
+    assert 0 <= rows[0]["reward_info/exact"] <= 1 and rows[0]["kl_to_base"] >= 0
+    assert (run_dir / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").exists()
+    assert (run_dir / "images" / "epoch_0001.png").exists()
+    evaluated = run_cli("eval", f"run={run_dir}", "n=4", "grid_images=2", f"hydra.run.dir={run_dir / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = (run_dir / "eval" / "eval.md").read_text()
+    assert "shapes_counting/exact" in report and "`shapes_train`" in report
