@@ -108,7 +108,7 @@ class LogConfig:
     image_every: int = 1          # epochs between image grids and reward-curve plots (the last epoch always)
     grid_images: int = 16
     async_reward: bool = True
-    reward_worker_threads: int = 1  # torch CPU threads of the async reward thread (more slow the sampler)
+    reward_worker_threads: int = 1  # torch CPU threads of the async reward thread (a full team slows training)
     kl_to_base_every: int = 1     # epochs between KL-to-base measurements (0 = never); ~2 extra UNet calls each
 
 
