@@ -77,6 +77,7 @@ class TrainConfig:
     timestep_fraction: float = 1.0   # share of the window's steps trained per sample (a fresh random subset each)
     timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # part of the chain trained:
     # 0 = the first (noisiest) step, 1 = the end. [0, 0.3] trains only the early steps that decide layout and count.
+    # rwr/rwr_sparse draw their own noise levels; for them window x fraction only sets the draws per sample.
     timesteps_per_forward: int = 4  # (sample, timestep) pairs batched per UNet call = batch_size x this
     cfg: bool = True              # train through classifier-free guidance (as sampled)
     lr: float = 3e-4

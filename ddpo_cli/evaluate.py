@@ -226,7 +226,8 @@ def comparison_grid(models: list[ModelEval], specs: list[ImageSpec], train: str,
         for m in models:
             for position in positions:
                 cells.append(m.grid[position])
-                captions.append(f"{m.name} {m.rewards[train][ids[position]]:.3g}: {specs[ids[position]].prompt}")
+                prompt = report.shown_prompt(specs[ids[position]].prompt)
+                captions.append(f"{m.name} {m.rewards[train][ids[position]]:.3g}: {prompt}")
             blank = columns - len(positions)
             cells += [torch.ones_like(m.grid[0])] * blank
             captions += [""] * blank

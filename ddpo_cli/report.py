@@ -32,6 +32,11 @@ def append_metrics(run_dir: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
+def shown_prompt(prompt: str) -> str:
+    """A prompt as captions show it: the empty prompt (unconditional sampling) as "(no prompt)"."""
+    return prompt or "(no prompt)"
+
+
 def image_grid(images: torch.Tensor, captions: list[str], columns: int | None = None,
                min_cell: int = 128) -> Image.Image:
     """``[N,3,H,W]`` in [0,1] -> one PIL grid, each cell upscaled to at least ``min_cell`` px with a caption below."""

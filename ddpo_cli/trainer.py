@@ -482,7 +482,8 @@ class Trainer:
         if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1:
             report.plot_reward_curve(self.run_dir)
             n = samples.images.shape[0]
-            captions = [f"{p} | {r:.2f}" for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
+            captions = [f"{report.shown_prompt(p)} | {r:.2f}"
+                        for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
             report.image_grid(samples.images, captions).save(self.run_dir / "images" / f"epoch_{epoch:04d}.png")
         shown = [f"{key} {row[key]:.3g}" for key in ("loss", "approx_kl", "clipfrac", "kl_to_base", "kl_penalty")
                  if isinstance(row.get(key), float)]
