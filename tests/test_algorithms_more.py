@@ -181,3 +181,17 @@ def test_reward_thread_runs_torch_with_its_own_thread_count(make_trainer):
     trainer = make_trainer("log.reward_worker_threads=1")
     assert trainer.executor.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == 2  # the main thread keeps `threads`
+
+
+def test_ddpo_is_with_one_update_per_epoch_trains_exactly_like_ddpo_sf(make_trainer):
+    # at ratio 1 the PPO gradient is the score-function gradient, and with one update per batch the ratio is always 1
+    # (with two updates per epoch, train.batch_size=1, the weights differ: the test can fail)
+    def lora_after_training(algo):
+        trainer = make_trainer(f"algo={algo}", "train.num_epochs=2", "train.lr=1e-2", "seed=3")
+        trainer.train()
+        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
+
+    is_weights, sf_weights = lora_after_training("ddpo_is"), lora_after_training("ddpo_sf")
+    assert any(not torch.equal(w, torch.zeros_like(w)) for n, w in is_weights.items() if "lora_B" in n)
+    assert all(torch.allclose(is_weights[n], sf_weights[n], atol=1e-6) for n in is_weights)
