@@ -185,8 +185,8 @@ def write_samples(out_dir: Path, images: torch.Tensor, specs: list[ImageSpec], r
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for image, row in zip(images, rows):
         save_png(image, out_dir / row["file"])
-    captions = [f"{report.shown_prompt(s.prompt)} #{s.image_index}" + (f" | {r['reward']:.3g}" if "reward" in r else "")
-                for s, r in zip(specs, rows)]
+    captions = [f"{report.shown_prompt(s.prompt)} #{s.image_index}"
+                + (f" | {r['reward']:.3g}" if "reward" in r else "") for s, r in zip(specs, rows)]
     report.image_grid(images, captions, columns=n).save(out_dir / "grid.png")
     with open(out_dir / "samples.jsonl", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)

@@ -4,8 +4,8 @@ fixed prompts and noise before and after training (paired, not on the noisy per-
 Policy-gradient and reward-weighted tests use the unconditional model (the empty prompt; it was trained with 10%
 empty captions): its samples vary in shape count, size and colour, so JPEG size varies (base 1.09 +- 0.13 kB over
 64 samples) and a few hundred samples are enough to move it. Compressibility has an easy optimum (a black image,
-~0.88 kB), so the policy-gradient algorithms are also trained on incompressibility, the opposite direction, and RWR
-only there: plain self-training on its own samples drifts to black whatever the reward (measured below)."""
+~0.88 kB), so ddpo_sf is also trained on incompressibility, the opposite direction, and RWR only there: plain
+self-training on its own samples drifts to black whatever the reward (measured below)."""
 from __future__ import annotations
 
 import functools
@@ -81,9 +81,9 @@ def test_policy_gradients_follow_the_reward_either_way(algo, reward):
 def rwr_incompressibility_after(seed: int, *overrides: str) -> float:
     """Mean JPEG size (kB) of 64 fixed unconditional samples after an RWR run rewarded for incompressibility
     (10 denoising draws per sample; with 5, i.e. the experiment's window, rwr_sparse ended at 0.95 kB, seed 0)."""
-    before, after = train_and_measure([""], "experiment=tiny_compressibility", "reward=jpeg_incompressibility",
-                                      f"seed={seed}", "train.lr=1e-2", "train.timestep_window=[0.0,1.0]", *overrides,
-                                      n_per_prompt=64)
+    _, after = train_and_measure([""], "experiment=tiny_compressibility", "reward=jpeg_incompressibility",
+                                 f"seed={seed}", "train.lr=1e-2", "train.timestep_window=[0.0,1.0]", *overrides,
+                                 n_per_prompt=64)
     return float(after.mean())
 
 
