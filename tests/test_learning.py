@@ -39,11 +39,13 @@ def fixed_eval(trainer: Trainer, prompts: list[str], n_per_prompt: int) -> torch
     return rewards.float()
 
 
-def train_and_measure(prompts: list[str], *overrides: str, n_per_prompt: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def train_and_measure(prompts: list[str], *overrides: str,
+                      n_per_prompt: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image rewards on fixed noise before and after training on ``prompts``."""
     quoted = ",".join(f'"{p}"' for p in prompts)
-    cfg = compose("train", ["model=tiny_shapes", "prompts=from_list", f"prompts.prompts=[{quoted}]", "log.tracker=none",
-                            "threads=2", "log.image_every=1000", "checkpoint.every=1000", *overrides])
+    cfg = compose("train", ["model=tiny_shapes", "prompts=from_list", f"prompts.prompts=[{quoted}]",
+                            "log.tracker=none", "threads=2", "log.image_every=1000", "checkpoint.every=1000",
+                            *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
         trainer.setup()
@@ -55,11 +57,17 @@ def train_and_measure(prompts: list[str], *overrides: str, n_per_prompt: int = 4
             trainer.cleanup()
 
 
+def unconditional_run(reward: str, seed: int, *overrides: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image rewards (kB) on 64 fixed unconditional samples before and after `experiment=tiny_compressibility`
+    (8 epochs x 32 samples, DDPO-IS, lr 3e-3, first half of the steps trained; ~20 s) with ``reward`` and
+    ``overrides``."""
+    return train_and_measure([""], "experiment=tiny_compressibility", f"reward={reward}", f"seed={seed}", *overrides,
+                             n_per_prompt=64)
+
+
 def unconditional_jpeg_gain(reward: str, seed: int, *overrides: str) -> float:
-    """Change in mean reward (kB) on 64 fixed unconditional samples after `experiment=tiny_compressibility`
-    (8 epochs x 32 samples, DDPO-IS, lr 3e-3, first half of the steps trained; ~20 s) with ``overrides``."""
-    before, after = train_and_measure([""], "experiment=tiny_compressibility", f"reward={reward}", f"seed={seed}",
-                                      *overrides, n_per_prompt=64)
+    """Change in mean reward (kB) of ``unconditional_run``."""
+    before, after = unconditional_run(reward, seed, *overrides)
     return float((after - before).mean())
 
 
@@ -85,9 +93,8 @@ def test_policy_gradients_follow_the_reward_either_way(algo, reward):
 def rwr_incompressibility_after(seed: int, *overrides: str) -> float:
     """Mean JPEG size (kB) of 64 fixed unconditional samples after an RWR run rewarded for incompressibility
     (10 denoising draws per sample; with 5, i.e. the experiment's window, rwr_sparse ended at 0.95 kB, seed 0)."""
-    _, after = train_and_measure([""], "experiment=tiny_compressibility", "reward=jpeg_incompressibility",
-                                 f"seed={seed}", "train.lr=1e-2", "train.timestep_window=[0.0,1.0]", *overrides,
-                                 n_per_prompt=64)
+    _, after = unconditional_run("jpeg_incompressibility", seed, "train.lr=1e-2", "train.timestep_window=[0.0,1.0]",
+                                 *overrides)
     return float(after.mean())
 
 
