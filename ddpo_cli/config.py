@@ -1,22 +1,32 @@
-"""The typed config schema (registered in Hydra's ConfigStore), validation and the derived counts.
+"""The typed config schema (registered in Hydra's ConfigStore), composition, validation and the derived counts.
 
 Fixed-shape sections (model, sampler, train, advantage, checkpoint, log) are dataclasses: an unknown key or a wrong
 type fails at composition. Pluggable sections (algo, reward, prompts) are ``_target_`` nodes whose keys are checked
 against the target's signature by :func:`check_target`.
+
+:func:`plan_run` reads a training config once: it checks every value, builds the algorithm, the reward and the prompt
+set (cheap: constructors load no models), lets the algorithm check its own settings, derives the batch counts and
+resolves the resume checkpoint. The CLI calls it before Hydra creates a run folder; the trainer reuses the result.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import inspect
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
+from .runs import find_checkpoint
 
 
 @dataclass
@@ -29,7 +39,7 @@ class LoraConfig:
 
 @dataclass
 class TinyModelConfig:
-    """A small SD-shaped pipeline built in code from a seed (used when ``model.builder == "tiny"``)."""
+    """A small pipeline of ``model.family`` built in code from a seed (used when ``model.builder == "tiny"``)."""
 
     seed: int = 0
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -44,6 +54,7 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = "sd15"
+    family: str = "sd"  # sd | sdxl (ddpo_cli/models/), or the dotted path of a ModelFamily subclass
     pretrained: Optional[str] = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or local pipeline folder
     revision: Optional[str] = None
     variant: Optional[str] = None
@@ -59,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    name: str = "ddim"
+    name: str = "ddim"            # ddim (ddpo_cli/samplers/)
     num_steps: int = 50
     eta: float = 1.0
     guidance_scale: float = 5.0
@@ -78,7 +89,7 @@ class TrainConfig:
     timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # part of the chain trained:
     # 0 = the first (noisiest) step, 1 = the end. [0, 0.3] trains only the early steps that decide layout and count.
     # rwr/rwr_sparse draw their own noise levels; for them window x fraction only sets the draws per sample.
-    timesteps_per_forward: int = 4  # (sample, timestep) pairs batched per UNet call = batch_size x this
+    timesteps_per_forward: int = 4  # (sample, timestep) pairs batched per denoiser call = batch_size x this
     cfg: bool = True              # train through classifier-free guidance (as sampled)
     lr: float = 3e-4
     adam_beta1: float = 0.9
@@ -86,7 +97,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16   (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16   (auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 also
+    # on CPUs with bf16 units)
 
 
 @dataclass
@@ -110,7 +122,7 @@ class LogConfig:
     grid_images: int = 16
     async_reward: bool = True
     reward_worker_threads: int = 1  # torch CPU threads of the async reward thread (a full team slows training)
-    kl_to_base_every: int = 1     # epochs between KL-to-base measurements (0 = never); ~2 extra UNet calls each
+    kl_to_base_every: int = 1     # epochs between KL-to-base measurements (0 = never); ~2 extra denoiser calls each
 
 
 @dataclass
@@ -138,6 +150,57 @@ def register_configs() -> None:
 register_configs()
 
 
+# ----------------------------------------------------------------------------------------------- composition
+def conf_dir() -> Path:
+    """The config tree: the repository's conf/ in a source checkout, else the copy shipped as ddpo_cli.conf."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "train.yaml").exists():
+        return source
+    return Path(str(resources.files("ddpo_cli.conf")))
+
+
+def compose(config_name: str, overrides: list[str], config_dir: Path | None = None) -> DictConfig:
+    """Compose the config as Hydra would (no run directory); ``config_dir`` is a user's extra config folder
+    (``-cd``), searched after the built-in tree. Raises UserError with a one-line reason."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    if config_dir is not None:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except UserError:
+        raise
+    except Exception as exc:  # Hydra and OmegaConf errors: keep the most specific line
+        raise UserError(config_error_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def config_error_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    head = lines[0] if lines else type(cause).__name__
+    full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+    hint = "see the options with `ddpo ls` and the keys with `ddpo train --cfg job`"
+    return f"invalid config: {head}{f' (key: {full_key})' if full_key else ''}; {hint}"
+
+
+def group_option(group: str, name: str, config_dir: Path | None = None) -> DictConfig:
+    """The config of option ``name`` of ``group`` (e.g. a reward named on the command line), looked up like
+    ``group=name`` would be: the built-in tree first, then the user's ``-cd`` folder."""
+    try:
+        return compose("eval", [f"{group}={name}"], config_dir)[group]
+    except UserError:
+        known = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        raise UserError(f"unknown {group} '{name}': choose one of {', '.join(known)} (or give a _target_ node)") \
+            from None
+
+
 # ----------------------------------------------------------------------------------------------- derived counts
 @dataclass
 class Counts:
@@ -148,6 +211,11 @@ class Counts:
     window: tuple[int, int]       # step indices [first, end) that training timesteps are drawn from
     updates_per_epoch: int        # optimizer steps per epoch (all inner epochs)
     pairs_per_update: int         # (sample, timestep) pairs per optimizer step per process
+
+    def for_processes(self, num_processes: int) -> "Counts":
+        """The same per-process counts over ``num_processes`` processes."""
+        return replace(self, num_processes=num_processes,
+                       samples_per_epoch=self.samples_per_process * num_processes)
 
     def as_rows(self) -> list[tuple[str, str]]:
         return [("processes", str(self.num_processes)), ("samples / epoch", str(self.samples_per_epoch)),
@@ -186,22 +254,32 @@ def step_window(num_steps: int, window) -> tuple[int, int]:
     return first, max(first + 1, int(round(window[1] * num_steps)))
 
 
+# ----------------------------------------------------------------------------------------------- validation
+@dataclass
+class RunPlan:
+    """What a training run needs from its config, built once: counts, the algorithm, the reward and the prompt set
+    (not yet set up: no models loaded) and the resume checkpoint."""
+
+    counts: Counts
+    algorithm: Any
+    reward: Any
+    prompts: Any
+    resume: Optional[Path]
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Value checks the type system cannot express. Raises UserError with the fix in the message."""
+def check_values(cfg: DictConfig) -> None:
+    """Value checks of the fixed sections that the type system cannot express. Raises UserError."""
+    # deferred (not a cycle): the family and sampler registries import torch and diffusers, which `ddpo ls` and
+    # `ddpo --help` (they import this module for the schema) need not pay for
+    from .models import family_class
+    from .samplers import check_sampler_name
+
     s, t, a = cfg.sampler, cfg.train, cfg.advantage
-    for group in ("algo", "reward", "prompts"):
-        check_target(cfg[group], group)
-    kind = getattr(import_target(cfg.algo._target_, "algo"), "kind", "policy_gradient")
-    if kind == "backprop":
-        _require(s.eta >= 0, f"sampler.eta={s.eta}: must be >= 0")
-        check_backprop(cfg)
-    else:
-        _require(s.eta > 0, f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)")
     _require(s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1")
     for key in ("sampler.batch_size", "sampler.num_batches_per_epoch", "train.batch_size",
                 "train.gradient_accumulation_steps", "train.num_epochs", "train.num_inner_epochs",
@@ -216,8 +294,6 @@ def validate(cfg: DictConfig) -> None:
              f"advantage.mode={a.mode!r}: choose per_prompt, batch or group")
     _require(a.mode != "group" or s.group_size > 1,
              "advantage.mode=group needs sampler.group_size > 1 (k images per prompt)")
-    _require(a.mode != "group" or kind in ("policy_gradient", "none"),
-             f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not {kind}")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
     if cfg.log.tracker == "wandb":
@@ -225,40 +301,55 @@ def validate(cfg: DictConfig) -> None:
                  "log.tracker=wandb needs the wandb package: pip install wandb (or use log.tracker=tensorboard)")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last}: use >= 1, or null to keep all")
-    _require(cfg.model.builder in (None, "tiny"), f"model.builder={cfg.model.builder!r}: only 'tiny' is built in")
-    _require(cfg.model.builder is not None or bool(cfg.model.pretrained),
+    check_model(cfg.model)
+    family_class(cfg.model.family)
+    check_sampler_name(s.name)
+
+
+def check_model(model: DictConfig) -> None:
+    _require(model.builder in (None, "tiny"), f"model.builder={model.builder!r}: only 'tiny' is built in")
+    _require(model.builder is not None or bool(model.pretrained),
              "model.pretrained is empty: give a hub id or a local pipeline folder (or use model=tiny)")
-    build_algorithm(cfg)
-    derive_counts(cfg)
 
 
-def build_algorithm(cfg: DictConfig):
-    """Instantiate ``cfg.algo`` (cheap: no models); its own value checks become UserErrors."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
+    """Check a training config and build what the run needs (see :class:`RunPlan`). Raises UserError.
 
+    ``check_weights``: also check that the model's weights can be had (a local folder, a cached or reachable hub
+    model), so that an offline machine fails before a run folder is written (the CLI does; tests need no network)."""
+    from .models import check_source  # deferred like check_values' registries: imports torch and diffusers
+
+    for group in ("algo", "reward", "prompts"):
+        check_target(cfg[group], group)
+    check_values(cfg)
+    if check_weights:
+        check_source(cfg.model)
+    algorithm = build(cfg.algo, "algo")
+    reward = build(cfg.reward, "reward")
+    prompts = build(cfg.prompts, "prompts")
+    algorithm.check(cfg, reward)
+    _require(cfg.advantage.mode != "group" or algorithm.targets == "advantages",
+             f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not "
+             f"{algorithm.name}")
+    counts = derive_counts(cfg)
+    resume = find_checkpoint(cfg.resume) if cfg.resume else None
+    return RunPlan(counts, algorithm, reward, prompts, resume)
+
+
+def validate(cfg: DictConfig) -> RunPlan:
+    """:func:`plan_run` under the name the checks are known by."""
+    return plan_run(cfg)
+
+
+def build(node: DictConfig, where: str):
+    """Instantiate a ``_target_`` node; the target's own UserError (or ValueError/TypeError) becomes one line
+    naming the group, not Hydra's wrapped traceback."""
     try:
-        return instantiate(cfg.algo, _convert_="all")
-    except (InstantiationException, ValueError, TypeError) as exc:
+        return instantiate(node, _convert_="all")
+    except (InstantiationException, UserError, ValueError, TypeError) as exc:
         cause = exc.__cause__ or exc
-        raise UserError(str(cause).splitlines()[0]) from None
-
-
-def check_backprop(cfg: DictConfig) -> None:
-    """Reward backprop needs a differentiable reward and a truncation that leaves some gradient."""
-    from hydra.utils import instantiate
-
-    from .algorithms.alignprop import check_truncation
-
-    algo = cfg.algo
-    problem = check_truncation(algo.get("truncation", "per_step_random"), cfg.sampler.num_steps, algo.get("k", 1),
-                               algo.get("k_min", 1), list(algo.get("keep_steps") or []))
-    _require(problem is None, problem or "")
-    reward = instantiate(cfg.reward, _convert_="all")  # constructors load no models (reward contract)
-    _require(getattr(reward, "differentiable", False),
-             f"reward {cfg.reward._target_} is not differentiable, so {algo.get('name', 'alignprop')} cannot "
-             f"backpropagate it: choose a differentiable reward (aesthetic, clip_score, ...) or a sample-based algo "
-             f"(ddpo_is, rwr, dpok)")
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(message if isinstance(cause, UserError) else f"{where}: {message}") from None
 
 
 # ----------------------------------------------------------------------------------------------- _target_ checks
@@ -275,7 +366,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
         return True
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in args)
     if annotation is type(None):
         return value is None

@@ -20,13 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from . import report
+from .config import build
 from .errors import UserError
+from .runs import epoch_of, resolve_checkpoints
 from .sample import ImageSampler, ImageSpec, build_reward, plan_images, score
-from .sample_config import apply_run_defaults, extra_rewards, resolve_checkpoints
+from .sample_config import apply_run_defaults, extra_rewards, user_config_dir
+from .stats import fmt, mean_se, significant
 
 console = Console(stderr=True)
 
@@ -44,14 +48,6 @@ class ModelEval:
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-def mean_se(values) -> dict:
-    """Mean, standard error of the mean (sample std / sqrt(n); 0 for n = 1) and n of finite values."""
-    array = np.asarray(values, dtype=np.float64)
-    array = array[np.isfinite(array)]
-    if array.size == 0:
-        return {"mean": None, "se": None, "n": 0}
-    se = float(array.std(ddof=1) / math.sqrt(array.size)) if array.size > 1 else 0.0
-    return {"mean": float(array.mean()), "se": se, "n": int(array.size)}
 
 
 def pairwise_diversity(images: torch.Tensor, groups: list[int], size: int = 32) -> np.ndarray:
@@ -71,9 +67,6 @@ def pairwise_diversity(images: torch.Tensor, groups: list[int], size: int = 32) 
     return out
 
 
-def significant(change: dict, sign: int, threshold: float) -> bool:
-    """Whether a paired change is clearly above 0 (sign=+1) or below 0 (sign=-1): ``|mean| > threshold * se``."""
-    return change["mean"] is not None and sign * change["mean"] > 0 and abs(change["mean"]) > threshold * change["se"]
 
 
 def overoptimization(models: list[ModelEval], train: str, gold: str | None, threshold: float) -> list[dict]:
@@ -101,23 +94,16 @@ def best_model(models: list[ModelEval], reward: str) -> dict:
             "change_vs_base": mean_se(best.rewards[reward] - models[0].rewards[reward])}
 
 
-def fmt(stat: dict, signed: bool = False) -> str:
-    if stat["mean"] is None:
-        return "-"
-    return f"{stat['mean']:{'+' if signed else ''}.4g} ± {stat['se']:.2g}"
 
 
 # ----------------------------------------------------------------------------------------------- running
-def epoch_of(path: Path) -> int | None:
-    match = re.match(r"^epoch_(\d+)$", Path(path).name)
-    return int(match.group(1)) if match else None
 
 
-def eval_rewards(cfg: DictConfig, device) -> tuple[dict, str, str | None]:
+def eval_rewards(cfg: DictConfig, device, config_dir: Path | None = None) -> tuple[dict, str, str | None]:
     """``{name: reward}`` with the training reward first, its name, and the gold reward's name (or None)."""
     if cfg.reward is None:
         raise UserError("no training reward to evaluate: the run names none; give reward=<reward option>")
-    extras = extra_rewards(cfg)
+    extras = extra_rewards(cfg, config_dir)
     train_fn = build_reward(cfg.reward, device)
     train_name = train_fn.name if train_fn.name not in extras else f"{train_fn.name}_train"
     rewards = {train_name: train_fn, **{name: build_reward(node, device) for name, node in extras.items()}}
@@ -147,16 +133,15 @@ def grid_specs(specs: list[ImageSpec], prompts: int, images: int) -> list[int]:
     return [k for k, s in enumerate(specs) if s.prompt_index in shown and s.image_index < images]
 
 
-def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Evaluate the base model and the chosen checkpoints of ``cfg.run``; write the outputs into ``out_dir``."""
-    from hydra.utils import instantiate
-
+def evaluate_run(cfg: DictConfig, out_dir: Path, config_dir: Path | None = None) -> dict:
+    """Evaluate the base model and the chosen checkpoints of ``cfg.run``; write the outputs into ``out_dir``.
+    ``config_dir``: the user's extra config folder (``-cd``), where reward options named in ``rewards`` may live."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = resolve_checkpoints(cfg.run, cfg.checkpoints)
-    prompt_set = instantiate(cfg.prompts)
+    prompt_set = build(cfg.prompts, "prompts")
     specs = plan_images(prompt_set, cfg.num_prompts, cfg.n, cfg.seed)
     sampler = ImageSampler(cfg)
-    rewards, train, gold = eval_rewards(cfg, sampler.device)
+    rewards, train, gold = eval_rewards(cfg, sampler.device, config_dir)
     models = [evaluate_model(sampler, "base", None, cfg, specs, rewards)]
     models += [evaluate_model(sampler, p.name, p, cfg, specs, rewards) for p in paths]
     summary = summarise(cfg, models, specs, getattr(prompt_set, "name", "prompts"), train, gold)
@@ -180,7 +165,7 @@ def summarise(cfg: DictConfig, models: list[ModelEval], specs: list[ImageSpec], 
         "run": str(cfg.run),
         "prompts": {"name": prompts_name, "indices": sorted({s.prompt_index for s in specs}),
                     "images_per_prompt": cfg.n, "seed": cfg.seed},
-        "sampler": {k: cfg.sampler[k] for k in ("num_steps", "eta", "guidance_scale")},
+        "sampler": {k: cfg.sampler[k] for k in ("name", "num_steps", "eta", "guidance_scale")},
         "lora_scale": cfg.lora_scale, "train_reward": train, "gold_reward": gold, "rewards": list(base.rewards),
         "models": [{"name": m.name, "checkpoint": m.checkpoint, "epoch": m.epoch,
                     "rewards": {k: mean_se(v) for k, v in m.rewards.items()},
@@ -254,7 +239,7 @@ def markdown(summary: dict) -> str:
     lines = [
         f"# Evaluation of {summary['run']}", "",
         f"{len(p['indices'])} prompts of `{p['name']}` x {p['images_per_prompt']} images (seeds from seed={p['seed']}, "
-        f"the same for every model); DDIM {s['num_steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']}; "
+        f"the same for every model); {s['name']} {s['num_steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']}; "
         f"lora_scale {summary['lora_scale']}. Values are mean ± standard error over images; diversity is the mean "
         f"pairwise RMS pixel distance (downsampled) among each prompt's images, mean ± standard error over prompts.",
         "", table, "", "## Change vs the base model (paired: same prompts and seeds)", "",
@@ -282,14 +267,12 @@ def markdown(summary: dict) -> str:
 
 def eval_task(cfg: DictConfig) -> None:
     """Hydra task of ``ddpo eval run=...``: merge the run's settings, save the effective config, evaluate."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     cfg = apply_run_defaults(cfg, list(hydra_cfg.overrides.task), ("model", "sampler", "prompts", "reward"))
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml")
-    summary = evaluate_run(cfg, out_dir)
+    summary = evaluate_run(cfg, out_dir, user_config_dir())
     for flag in summary["overoptimization"]:
         console.print(f"[yellow]likely over-optimisation: {flag['message']}[/]")
     console.print(f"[green]best by {summary['best']['by']}: {summary['best']['model']}; report in "

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl, captioned image grids, the reward curve, and the start-up table."""
+"""Run outputs: metrics.jsonl, captioned image grids, the reward curve, the start-up table and the console lines."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -95,9 +98,37 @@ def plot_reward_curve(run_dir: Path, path: Path | None = None) -> Path | None:
     return path
 
 
-def startup_table(title: str, rows: list[tuple[str, str]]):
-    from rich.table import Table
+def flat_config(cfg) -> dict:
+    """A config as flat ``{"a.b": value}`` (non-scalars as strings), for experiment trackers."""
+    flat = {}
 
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True))
+    return flat
+
+
+def epoch_progress(console, enabled: bool):
+    """A rich progress bar over epochs (hidden when not on a terminal or not the main process)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                    TimeRemainingColumn(), console=console, disable=not (console.is_terminal and enabled))
+
+
+def epoch_line(row: dict) -> str:
+    """One console line per epoch: reward, the update's diagnostics, where the time went."""
+    shown = [f"{key} {row[key]:.3g}" for key in ("loss", "approx_kl", "clipfrac", "kl_to_base", "kl_penalty")
+             if isinstance(row.get(key), float)]
+    return (f"epoch {row['epoch']:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
+            f"{' | '.join(shown)} | {row['epoch_seconds']:.1f}s (sample {row['sample_seconds']:.1f}, "
+            f"reward wait {row['reward_seconds']:.1f}, train {row['train_seconds']:.1f})")
+
+
+def startup_table(title: str, rows: list[tuple[str, str]]):
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
     table.add_column()

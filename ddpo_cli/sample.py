@@ -1,9 +1,9 @@
 """``ddpo sample``: images from a run's checkpoint (or the base model) with per-image seeds.
 
 Image ``i`` of prompt ``p`` (its index in the prompt set) starts from the noise of ``derive_seed(seed, p, i)`` and
-draws every DDIM step's noise from that same generator, so it does not depend on the checkpoint, the batch it is
-drawn in, or which other prompts are sampled: ``checkpoint=none`` gives the base model's image for the very same
-noise. Outputs (in Hydra's output dir)::
+draws every stochastic step's noise from that same generator (``sampler.eta=0``: deterministic DDIM, no step noise),
+so it does not depend on the checkpoint, the batch it is drawn in, or which other prompts are sampled:
+``checkpoint=none`` gives the base model's image for the very same noise. Outputs (in Hydra's output dir)::
 
     images/<p>_<prompt>_<i>.png   grid.png (captioned, one row per prompt)   samples.jsonl   resolved_config.yaml
 """
@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from rich.console import Console
 
 from . import checkpoint, report
-from .pipeline import (PromptEmbeddingCache, decode_latents, latent_shape, load_pipeline, prepare_for_training,
-                       set_lora_scale)
-from .sample_config import apply_run_defaults, resolve_checkpoint
-from .sampling import NoiseSchedule, ddim_step_with_logprob, guided_noise_pred
-from .trainer import WEIGHT_DTYPES, derive_seed, resolve_precision
+from .config import build
+from .models import load_model, set_lora_scale
+from .rollout import per_image_noise, run_chain
+from .runs import resolve_checkpoint
+from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_libraries, resolve_precision, set_threads
+from .sample_config import apply_run_defaults
+from .samplers import build_sampler
 
 console = Console(stderr=True)
 
@@ -56,48 +58,38 @@ def plan_images(prompt_set, num_prompts: int | None, n: int, seed: int) -> list[
 
 
 # ----------------------------------------------------------------------------------------------- the model
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class ImageSampler:
-    """A pipeline that switches between the base model and checkpoints and draws images from per-image seeds."""
+    """A model that switches between the base weights and checkpoints and draws images from per-image seeds, with
+    the training set-up (:func:`~ddpo_cli.models.load_model`) and chain loop (:func:`~ddpo_cli.rollout.run_chain`).
+    A sampler with ``eta = 0`` (DDIM) draws deterministically."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg, self.device = cfg, pick_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
         quiet_libraries()
-        self.dtype = WEIGHT_DTYPES[resolve_precision(cfg.precision, self.device)]
-        self.pipe = load_pipeline(cfg)
-        prepare_for_training(self.pipe, cfg.model, self.dtype)  # freeze, cast; adds the LoRA adapter to load into
-        self.pipe.unet.requires_grad_(False).eval()  # eval: the new LoRA modules' dropout is off
-        self.pipe.to(self.device)
-        self.unet, self.use_lora = self.pipe.unet, bool(cfg.model.use_lora)
-        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
-        self.embed = PromptEmbeddingCache(self.pipe, self.device)
-        self.uncond = self.embed([""])[0]                      # [L, D]
-        self.latent_shape = latent_shape(self.pipe, cfg.model.resolution)  # (C, h, w)
-        self.base_state: dict | None = None                    # full fine-tuning: the base UNet's weights (CPU)
+        self.dtype = WEIGHT_DTYPES[resolve_precision(cfg.precision, self.device, "precision")]
+        self.model = load_model(cfg.model, self.device, self.dtype)  # with the LoRA adapter to load weights into
+        self.denoiser = self.model.denoiser.requires_grad_(False).eval()  # eval: the LoRA modules' dropout is off
+        self.sampler = build_sampler(cfg.sampler, self.model)
+        self.use_lora = bool(cfg.model.use_lora)
+        self.base_state: dict | None = None                    # full fine-tuning: the base weights (CPU)
         self.use(None)
 
     def use(self, path: Path | None, scale: float = 1.0) -> None:
         """Switch to checkpoint ``path`` with ``W = W0 + scale * dW``, or to the base model (``path=None``)."""
         if self.use_lora:
             if path is not None:
-                checkpoint.load_model(self.unet, path, use_lora=True)
-            set_lora_scale(self.unet, 0.0 if path is None else scale)
+                checkpoint.load_weights(self.model, self.denoiser, path, use_lora=True)
+            set_lora_scale(self.denoiser, 0.0 if path is None else scale)
             return
         if self.base_state is None:
-            self.base_state = {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+            self.base_state = {k: v.detach().cpu().clone() for k, v in self.denoiser.state_dict().items()}
         if path is None:
-            self.unet.load_state_dict(self.base_state)
+            self.denoiser.load_state_dict(self.base_state)
             return
-        checkpoint.load_model(self.unet, path, use_lora=False)
+        checkpoint.load_weights(self.model, self.denoiser, path, use_lora=False)
         if scale != 1.0:
-            self.unet.load_state_dict(interpolate(self.base_state, self.unet.state_dict(), scale))
+            self.denoiser.load_state_dict(interpolate(self.base_state, self.denoiser.state_dict(), scale))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -106,26 +98,14 @@ class ImageSampler:
         return torch.cat([self._batch(prompts[i:i + size], seeds[i:i + size]) for i in range(0, len(prompts), size)])
 
     def _batch(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """The DDIM chain of ``sampling.sample_trajectory`` with one CPU generator per image (device-independent
-        noise; image k equals ``sample_trajectory`` run alone with that generator)."""
-        s = self.cfg.sampler
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-
-        def draw() -> torch.Tensor:  # [B, C, h, w]: the next standard normal draw of each image's generator
-            return torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
-
-        cond = self.embed(prompts)                             # [B, L, D]
-        uncond = self.uncond.expand_as(cond)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        x = draw()                                             # [B, C, h, w] x_T
-        with autocast:
-            for t in self.schedule.timesteps:
-                t_batch = t.expand(len(prompts)).to(self.device)
-                eps = guided_noise_pred(self.unet, x, t_batch, cond, uncond, s.guidance_scale, self.dtype)
-                a_t, a_prev = self.schedule.alphas(t_batch)
-                x, _, _, _ = ddim_step_with_logprob(eps, x, a_t, a_prev, s.eta, self.schedule.prediction_type,
-                                                    noise=draw())
-        return decode_latents(self.pipe.vae, x).cpu()
+        """One generator per image draws its initial noise and every stochastic step's noise, so image k does not
+        depend on the batch it is drawn in."""
+        noise = per_image_noise(self.model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds],
+                                self.device)
+        with autocast(self.device, self.dtype):
+            final, _ = run_chain(self.model, self.sampler, self.denoiser, noise(), self.model.encode(prompts),
+                                 self.cfg.sampler.guidance_scale, noise)
+        return self.model.decode(final).cpu()
 
 
 def interpolate(base: dict, tuned: dict, scale: float) -> dict:
@@ -135,15 +115,6 @@ def interpolate(base: dict, tuned: dict, scale: float) -> dict:
         w0 = base[key].to(w1)
         out[key] = w0 + scale * (w1 - w0) if w1.is_floating_point() else w1
     return out
-
-
-def quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.disable_progress_bar()
-        library.utils.logging.set_verbosity_error()
 
 
 # ----------------------------------------------------------------------------------------------- rewards
@@ -161,7 +132,7 @@ def score(reward_fn, images: torch.Tensor, specs: list[ImageSpec], batch_size: i
 
 
 def build_reward(node: DictConfig, device: torch.device):
-    reward_fn = instantiate(node, _convert_="all")
+    reward_fn = build(node, "reward")
     reward_fn.setup(device, torch.float32)
     return reward_fn
 
@@ -174,8 +145,6 @@ def image_file(spec: ImageSpec) -> str:
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """``[3,H,W]`` in [0,1] -> 8-bit PNG."""
-    from PIL import Image
-
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(array).save(path)
 
@@ -196,11 +165,11 @@ def sample_images(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Draw the images of ``cfg`` (already merged with the run's settings) into ``out_dir``; returns the rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(cfg.run, cfg.checkpoint)
-    specs = plan_images(instantiate(cfg.prompts), cfg.num_prompts, cfg.n, cfg.seed)
+    specs = plan_images(build(cfg.prompts, "prompts"), cfg.num_prompts, cfg.n, cfg.seed)
     sampler = ImageSampler(cfg)
     sampler.use(path, cfg.lora_scale)
-    console.print(f"sampling {len(specs)} images from {path or 'the base model'} "
-                  f"(lora_scale {cfg.lora_scale}, {cfg.sampler.num_steps} DDIM steps) on {sampler.device}")
+    console.print(f"sampling {len(specs)} images from {path or 'the base model'} (lora_scale {cfg.lora_scale}, "
+                  f"{cfg.sampler.num_steps} {cfg.sampler.name} steps, eta {cfg.sampler.eta}) on {sampler.device}")
     images = sampler.generate([s.prompt for s in specs], [s.seed for s in specs])
     rows = [{"prompt": s.prompt, "prompt_index": s.prompt_index, "image_index": s.image_index,
              "metadata": s.metadata, "seed": s.seed, "file": image_file(s),
@@ -218,8 +187,6 @@ def sample_images(cfg: DictConfig, out_dir: Path) -> list[dict]:
 
 def sample_task(cfg: DictConfig) -> None:
     """Hydra task of ``ddpo sample``: merge the run's settings, save the effective config, draw the images."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     cfg = apply_run_defaults(cfg, list(hydra_cfg.overrides.task), ("model", "sampler", "prompts"))

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .config import ModelConfig, SamplerConfig, check_target
+from .config import ModelConfig, SamplerConfig, check_model, check_target, group_option
 from .errors import UserError
-
-RUN_CONFIG = Path(".hydra") / "config.yaml"
-LORA_FILE = "pytorch_lora_weights.safetensors"  # as checkpoint.LORA_FILE (that module imports torch)
+from .runs import RUN_CONFIG, load_run_config, resolve_checkpoint, resolve_checkpoints, sweep_job_dirs
 
 
 @dataclass
@@ -97,20 +97,8 @@ def prepare_args(args: list[str], path_keys: tuple[str, ...] = ("run", "sweep", 
 
 
 # ----------------------------------------------------------------------------------------------- run defaults
-def load_run_config(run: str | Path) -> DictConfig:
-    """The resolved training config of a run directory (its ``.hydra/config.yaml``)."""
-    path = Path(run).expanduser()
-    if not path.is_dir():
-        raise UserError(f"run directory '{run}' does not exist: give a folder written by `ddpo train`")
-    if not (path / RUN_CONFIG).exists():
-        raise UserError(f"'{run}' is not a run directory (no {RUN_CONFIG}): give a folder written by `ddpo train`")
-    return OmegaConf.load(path / RUN_CONFIG)
-
-
 def override_keys(overrides: list[str]) -> list[str]:
     """``["sampler.num_steps=8", "model=sd15", "+x=1"]`` -> ``["sampler.num_steps", "model", "x"]``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
     return [o.key_or_group for o in parsed]
 
@@ -140,72 +128,21 @@ def apply_run_defaults(cfg: DictConfig, overrides: list[str], sections: tuple[st
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(run: Optional[str], spec: Any) -> Optional[Path]:
-    """``none`` -> None (base model); ``latest`` -> the run's newest checkpoint (None without a run);
-    ``3`` / ``epoch_0003`` -> that checkpoint of the run; anything else -> a checkpoint folder."""
-    spec = None if spec is None else str(spec)
-    if spec is None or spec.lower() in ("none", "base"):
-        return None
-    if spec == "latest":
-        if not run:
-            return None
-        from .checkpoint import list_checkpoints
-
-        found = list_checkpoints(Path(run))
-        if not found:
-            raise UserError(f"no checkpoint under '{run}/checkpoints': train at least one epoch, name one with "
-                            f"checkpoint=<epoch dir>, or use checkpoint=none for the base model")
-        return found[-1]
-    if spec.isdigit() or spec.startswith("epoch_"):
-        if not run:
-            raise UserError(f"checkpoint={spec} names an epoch: also give run=<run dir>")
-        name = f"epoch_{int(spec):04d}" if spec.isdigit() else spec
-        path = Path(run) / "checkpoints" / name
-    else:
-        path = Path(spec).expanduser()
-    if not ((path / LORA_FILE).exists() or (path / "unet").is_dir()):
-        raise UserError(f"checkpoint '{path}' not found (no {LORA_FILE} or unet/ in it): give latest, none, an epoch "
-                        f"number or a checkpoints/epoch_XXXX folder")
-    return path
-
-
-def resolve_checkpoints(run: str, spec: Any) -> list[Path]:
-    """``latest`` | ``all`` | a list of epoch numbers, names or folders -> checkpoint folders (oldest first)."""
-    from .checkpoint import list_checkpoints
-
-    if isinstance(spec, str) and spec == "all":
-        found = list_checkpoints(Path(run))
-        if not found:
-            raise UserError(f"no checkpoint under '{run}/checkpoints': train at least one epoch first")
-        return found
-    specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
-    if not specs:
-        raise UserError("checkpoints=[] is empty: give latest, all or a list such as [0,3]")
-    paths = [resolve_checkpoint(run, s) for s in specs]
-    if any(p is None for p in paths):
-        raise UserError("checkpoints lists 'none': the base model is always evaluated, leave it out")
-    return paths
-
-
 # ----------------------------------------------------------------------------------------------- rewards
-def reward_option(name: str) -> DictConfig:
-    """The config of ``conf/reward/<name>.yaml`` (a reward named on the command line, e.g. ``rewards.gold=aesthetic``)."""
-    from .cli import conf_dir
-
-    folder = conf_dir() / "reward"
-    path = folder / f"{name}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-        raise UserError(f"unknown reward '{name}': choose one of {known} (or give a _target_ node)")
-    return OmegaConf.load(path)
+def user_config_dir() -> Optional[Path]:
+    """Inside a Hydra task: the user's extra config folder (``-cd DIR``), if one was given."""
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            return Path(source.path)
+    return None
 
 
-def extra_rewards(cfg: DictConfig) -> dict[str, DictConfig]:
-    """``rewards`` with option names replaced by their configs; every node checked against its target."""
+def extra_rewards(cfg: DictConfig, config_dir: Optional[Path] = None) -> dict[str, DictConfig]:
+    """``rewards`` with option names replaced by their configs (looked up like ``reward=<name>``, so a ``-cd``
+    folder's own rewards work too); every node checked against its target."""
     out = {}
     for name, node in (cfg.rewards or {}).items():
-        node = reward_option(str(node)) if isinstance(node, str) else node
+        node = group_option("reward", str(node), config_dir) if isinstance(node, str) else node
         check_target(node, f"rewards.{name}")
         out[str(name)] = node
     return out
@@ -221,11 +158,12 @@ def validate_common(cfg: DictConfig) -> None:
     _require(cfg.n >= 1, f"n={cfg.n}: give at least one image per prompt")
     _require(cfg.num_prompts is None or cfg.num_prompts >= 1, f"num_prompts={cfg.num_prompts}: use >= 1 or null")
     _require(cfg.lora_scale >= 0, f"lora_scale={cfg.lora_scale}: use 0 (base) .. 1 (as trained)")
-    _require(cfg.sampler.eta > 0, f"sampler.eta={cfg.sampler.eta}: the DDIM sampler here needs eta > 0")
+    _require(cfg.sampler.eta >= 0, f"sampler.eta={cfg.sampler.eta}: use 0 (deterministic) or more")
     _require(cfg.sampler.num_steps >= 1, f"sampler.num_steps={cfg.sampler.num_steps}: use at least 1")
     _require(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: use at least 1")
     _require(cfg.precision in ("auto", "no", "fp16", "bf16"), f"precision={cfg.precision!r}: auto, no, fp16 or bf16")
     _require(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
+    check_model(cfg.model)
     if cfg.run:
         load_run_config(cfg.run)
     check_target(cfg.prompts, "prompts")
@@ -239,19 +177,17 @@ def validate_sample(cfg: DictConfig) -> None:
     resolve_checkpoint(cfg.run, cfg.checkpoint)
 
 
-def validate_eval(cfg: DictConfig) -> None:
+def validate_eval(cfg: DictConfig, config_dir: Optional[Path] = None) -> None:
     """Checks of ``ddpo eval`` before anything is written. Raises UserError."""
     if cfg.sweep:
-        from .sweep import sweep_jobs
-
         _require(not cfg.run, "give either run=<run dir> or sweep=<multirun dir>, not both")
-        sweep_jobs(Path(cfg.sweep))
+        sweep_job_dirs(Path(cfg.sweep))
         return
     _require(bool(cfg.run), "ddpo eval needs run=<run dir> (or sweep=<multirun dir> to summarise a sweep)")
     validate_common(cfg)
     _require(cfg.grid_prompts >= 0 and cfg.grid_images >= 1 and cfg.diversity_size >= 4,
              "grid_prompts must be >= 0, grid_images >= 1, diversity_size >= 4")
-    names = set(extra_rewards(cfg))
+    names = set(extra_rewards(cfg, config_dir))
     _require(cfg.gold is None or cfg.gold in names,
              f"gold={cfg.gold!r} is not one of the rewards ({', '.join(sorted(names)) or 'none given'}): "
              f"add it with rewards.{cfg.gold}=<reward option>")

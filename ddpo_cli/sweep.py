@@ -10,38 +10,13 @@ seed, which removes the luck of the prompt draw from the comparison.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from rich.console import Console
 
 from . import report
-from .errors import UserError
-from .evaluate import mean_se
-
-RUN_CONFIG = Path(".hydra") / "config.yaml"
-
-
-def sweep_jobs(sweep_dir: Path) -> list[Path]:
-    """The job folders of a multirun dir, in job-number order. UserError if there are none."""
-    sweep_dir = Path(sweep_dir).expanduser()
-    if not sweep_dir.is_dir():
-        raise UserError(f"sweep directory '{sweep_dir}' does not exist: give the folder of a `ddpo train -m` run")
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / RUN_CONFIG).exists()]
-    if not jobs:
-        raise UserError(f"no job folders (with {RUN_CONFIG}) in '{sweep_dir}': give the folder of a `ddpo train -m` "
-                        f"run (hydra.sweep.dir)")
-    return sorted(jobs, key=_job_number)
-
-
-def _job_number(path: Path) -> tuple[int, str]:
-    match = re.search(r"(\d+)", path.name)
-    return (int(match.group(1)) if match else 1 << 30, path.name)
-
-
-def job_overrides(job: Path) -> list[str]:
-    path = job / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+from .runs import job_overrides, sweep_job_dirs
+from .stats import mean_se
 
 
 def job_summary(job: Path) -> dict:
@@ -148,7 +123,7 @@ def _fmt(value) -> str:
 def summarise_sweep(sweep_dir: Path) -> dict:
     """Write the sweep summary into ``sweep_dir``; returns the summary (as in ``sweep_summary.json``)."""
     sweep_dir = Path(sweep_dir).expanduser()
-    jobs = [job_summary(job) for job in sweep_jobs(sweep_dir)]
+    jobs = [job_summary(job) for job in sweep_job_dirs(sweep_dir)]
     labels = [" ".join(o) or job["job"] for o, job in zip(varying_overrides([j["overrides"] for j in jobs]), jobs)]
     for job, label in zip(jobs, labels):
         job["label"] = label
@@ -189,8 +164,6 @@ def summarise_sweep(sweep_dir: Path) -> dict:
 
 def sweep_task(cfg) -> None:
     """Hydra task of ``ddpo eval sweep=<multirun dir>``."""
-    from rich.console import Console
-
     summary = summarise_sweep(Path(cfg.sweep))
     Console(stderr=True).print(f"[green]{len(summary['jobs'])} jobs summarised in "
                                f"{Path(cfg.sweep) / 'sweep_summary.md'}[/]")

@@ -1,74 +1,40 @@
 """The training loop. Reads like the DDPO algorithm box: sample -> reward -> advantages -> update -> log/save.
 
-Randomness is a pure function of (seed, epoch, process, purpose): every epoch re-seeds its generators, so a resumed
-run draws exactly what the uninterrupted run would have drawn, without saving RNG states.
+What differs between algorithms is declared by the algorithm (``rollout``, ``targets``, ``needs``: see
+:mod:`ddpo_cli.algorithms.base`); what differs between model families and samplers lives behind their seams
+(:mod:`ddpo_cli.models`, :mod:`ddpo_cli.samplers`). Randomness is a pure function of (seed, epoch, process, purpose):
+every epoch re-seeds its generators, so a resumed run draws exactly what the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
-from .config import build_algorithm, derive_counts, validate
-from .errors import UserError
-from .pipeline import PromptEmbeddingCache, decode_latents, latent_shape, load_pipeline, prepare_for_training
-from .algorithms.dpok import gaussian_kl
-from .sampling import (NoiseSchedule, Trajectory, ddim_step_with_logprob, guided_noise_pred, sample_trajectory,
-                       sample_with_grad)
+from .config import RunPlan, plan_run
+from .models import adapters_disabled, load_model
+from .rollout import Trajectory, denoising_errors, generator_noise, policy_step, run_chain
+from .runtime import WEIGHT_DTYPES, derive_seed, precision_rows, quiet_libraries, resolve_precision, set_threads
+from .samplers import build_sampler
+from .samplers.gaussian import gaussian_kl
 
 console = Console(stderr=True)
-
-
-def derive_seed(*keys) -> int:
-    """A stable 63-bit seed from any keys (same on every machine and Python run)."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA, ``no`` (fp32) on CPU."""
-    if name != "auto":
-        if name != "no" and device.type != "cuda":
-            console.print(f"[yellow]train.mixed_precision={name} needs CUDA; running fp32 on {device.type}[/]")
-            return "no"
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@contextmanager
-def adapters_disabled(unet):
-    """The base model: the same UNet with its LoRA adapter switched off (no second copy in memory)."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-def merge_info(infos: list[dict]) -> dict[str, list]:
-    """Per-batch reward info dicts -> one dict of per-image lists (tensors become plain lists)."""
-    merged: dict[str, list] = {}
-    for info in infos:
-        for key, values in info.items():
-            merged.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
-    return merged
+POLICY_TENSORS = {"log_prob", "mean", "std", "output"}
+BASE_TENSORS = {"base_mean", "base_output"}
 
 
 @dataclass
@@ -83,112 +49,76 @@ class EpochSamples:
     info: dict = field(default_factory=dict)
 
 
+def merge_info(infos: list[dict]) -> dict[str, list]:
+    """Per-batch reward info dicts -> one dict of per-image lists (tensors become plain lists)."""
+    merged: dict[str, list] = {}
+    for info in infos:
+        for key, values in info.items():
+            merged.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
+    return merged
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    def __init__(self, cfg: DictConfig, run_dir: Path, plan: RunPlan | None = None) -> None:
+        self.cfg, self.run_dir, self.plan = cfg, Path(run_dir), plan
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Validate, then build the accelerator, the model, the optimizer and the pluggable parts; resume."""
+        """Plan (validate once), then the accelerator, the model and sampler, the optimizer; resume."""
         cfg = self.cfg
-        validate(cfg)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self._quiet_libraries()
-        self._setup_accelerator()
-        self._setup_model()
-        self.prompt_set = instantiate(cfg.prompts)
-        self.reward_fn = instantiate(cfg.reward, _convert_="all")
+        plan = self.plan or plan_run(cfg)
+        set_threads(cfg.threads)
+        quiet_libraries()
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.precision = resolve_precision(cfg.train.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=on_cpu, project_dir=str(self.run_dir),
+                                       log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
+        self.device, rank = self.accelerator.device, self.accelerator.process_index
+        if self.device.type == "cuda" and cfg.model.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.counts = plan.counts.for_processes(self.accelerator.num_processes)
+        self.algo, self.prompt_set, self.reward_fn = plan.algorithm, plan.prompts, plan.reward
         self.reward_fn.setup(self.device, torch.float32)
-        self.algo = build_algorithm(cfg)
+        self.model = load_model(cfg.model, self.device, WEIGHT_DTYPES[self.precision], lora_seed=cfg.seed)
+        self.sampler = build_sampler(cfg.sampler, self.model)
+        self.params = self.model.trainable_parameters()
+        t = cfg.train
+        optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
+        self.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # The reward thread gets its own small torch thread team: a second full-size OpenMP team (created the first
         # time that thread runs a torch op) slows every later op of the main thread ~1.7x on a 2-core CPU.
         self.executor = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads,
                                            initargs=(cfg.log.reward_worker_threads,))
         self.start_epoch, self.global_step = 0, 0
-        if cfg.resume:
-            self._resume(checkpoint.find_checkpoint(cfg.resume))
+        if plan.resume:
+            self._resume(plan.resume)
         if self.accelerator.is_main_process:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
             report.truncate_metrics(self.run_dir, self.start_epoch)
         if cfg.log.tracker != "none":
-            self.accelerator.init_trackers(cfg.log.project, config=self._flat_config())
-        self._print_startup()
+            self.accelerator.init_trackers(cfg.log.project, config=report.flat_config(cfg))
+        if self.accelerator.is_main_process:
+            console.print(report.startup_table("ddpo train", self.startup_rows()))
 
-    def _setup_accelerator(self) -> None:
-        from accelerate import Accelerator
-
-        cfg = self.cfg
-        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        self.precision = resolve_precision(cfg.train.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=on_cpu, project_dir=str(self.run_dir),
-                                       log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
-        self.device = self.accelerator.device
-        self.counts = derive_counts(cfg, self.accelerator.num_processes)
-        if self.device.type == "cuda" and cfg.model.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    def _setup_model(self) -> None:
-        """Pipeline (frozen parts in the compute dtype), LoRA in fp32, AdamW, DDP wrapping, noise schedule, prompts."""
-        from accelerate.utils import set_seed
-
-        cfg = self.cfg
-        self.weight_dtype = WEIGHT_DTYPES[self.precision]
-        self.pipe = load_pipeline(cfg)
-        set_seed(cfg.seed)  # after loading (building the tiny model draws numbers): same LoRA init on every rank
-        self.params = prepare_for_training(self.pipe, cfg.model, self.weight_dtype)
-        self.pipe.to(self.device)
-        self.num_trainable = sum(p.numel() for p in self.params)
-        t = cfg.train
-        optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
-        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
-        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler, cfg.sampler.num_steps, self.device)
-        self.embed = PromptEmbeddingCache(self.pipe, self.device)
-        self.uncond = self.embed([""])[0]
-        self.latent_shape = latent_shape(self.pipe, self.cfg.model.resolution)  # (C, h, w)
-
-    def _quiet_libraries(self) -> None:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-
-    def _flat_config(self) -> dict:
-        flat = {}
-
-        def walk(node, prefix=""):
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    walk(value, f"{prefix}{key}.")
-                else:
-                    flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-        walk(OmegaConf.to_container(self.cfg, resolve=True))
-        return flat
-
-    def _print_startup(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        cfg = self.cfg
-        rows = [("run dir", str(self.run_dir)), ("model", f"{cfg.model.name} ({'LoRA r=' + str(cfg.model.lora.rank) if cfg.model.use_lora else 'full fine-tuning'})"),
+    def startup_rows(self) -> list[tuple[str, str]]:
+        cfg, model = self.cfg, self.model
+        lora = f"LoRA r={cfg.model.lora.rank}" if cfg.model.use_lora else "full fine-tuning"
+        return [("run dir", str(self.run_dir)), ("model", f"{cfg.model.name} (family {model.family}, {lora})"),
                 ("algorithm / reward", f"{self.algo.name} / {self.reward_fn.name}"),
                 ("prompts", f"{getattr(self.prompt_set, 'name', '?')} ({len(self.prompt_set)})"),
-                ("device / precision", f"{self.device} / {self.precision}"),
-                ("image size", f"{self.latent_shape[1] * self.pipe.vae_scale_factor} px"),
-                ("trainable parameters", f"{self.num_trainable:,}"),
+                ("sampler", f"{self.sampler.name}, {self.sampler.num_steps} steps, guidance "
+                            f"{cfg.sampler.guidance_scale}"),
+                *precision_rows(self.precision, self.device), ("image size", f"{model.resolution} px"),
+                ("trainable parameters", f"{sum(p.numel() for p in self.params):,}"),
                 *self.counts.as_rows(), ("epochs", f"{self.start_epoch} -> {cfg.train.num_epochs}")]
-        console.print(report.startup_table("ddpo train", rows))
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> None:
         cfg = self.cfg
-        with self._progress() as progress:
+        with report.epoch_progress(console, self.accelerator.is_main_process) as progress:
             task = progress.add_task("training", total=cfg.train.num_epochs, completed=self.start_epoch)
             for epoch in range(self.start_epoch, cfg.train.num_epochs):
                 row, samples = self.run_epoch(epoch)
@@ -197,39 +127,29 @@ class Trainer:
                     self.save_checkpoint(epoch)
                 progress.update(task, advance=1, description=f"reward {row['reward_mean']:.4g}")
 
-    def _progress(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                        TimeRemainingColumn(), console=console,
-                        disable=not (console.is_terminal and self.accelerator.is_main_process))
-
     def run_epoch(self, epoch: int) -> tuple[dict, EpochSamples]:
         """One epoch of the chosen algorithm; returns the metrics row for metrics.jsonl and the samples."""
         start = time.perf_counter()
         torch.manual_seed(derive_seed(self.cfg.seed, epoch, self.accelerator.process_index, "torch"))
-        if self.algo.kind == "backprop":
-            samples, all_rewards, metrics, timings = self.backprop_epoch(epoch)
+        if self.algo.rollout == "backprop":
+            samples, metrics, timings = self.backprop_epoch(epoch)
+            all_rewards = self.gather_rewards(samples)
         else:
-            samples, all_rewards, metrics, timings = self.sample_and_update_epoch(epoch)
+            samples, timings = self.sample_epoch(epoch)
+            all_rewards = self.gather_rewards(samples)
+            metrics = {}
+            train_start = time.perf_counter()
+            if self.algo.rollout == "sample":
+                metrics = self.update_epoch(epoch, samples, self.training_targets(samples, all_rewards))
+            timings["train_seconds"] = time.perf_counter() - train_start
+            every = self.cfg.log.kl_to_base_every
+            if every and epoch % every == 0:
+                metrics["kl_to_base"] = self.kl_to_base(samples)
         row = {"epoch": epoch, "global_step": self.global_step,
                "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                **metrics, "samples": int(all_rewards.size), "epoch_seconds": time.perf_counter() - start,
                **timings, **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
         return row, samples
-
-    def sample_and_update_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
-        """Sample-based algorithms: sample -> rewards -> advantages (or weights) -> updates -> KL-to-base metric."""
-        samples, sample_seconds, reward_seconds = self.sample_epoch(epoch)
-        targets, all_rewards = self.training_targets(samples)
-        train_start = time.perf_counter()
-        metrics = {} if self.algo.kind == "none" else self.train_epoch(epoch, samples, targets)
-        train_seconds = time.perf_counter() - train_start
-        every = self.cfg.log.kl_to_base_every
-        if every and epoch % every == 0:
-            metrics["kl_to_base"] = self.kl_to_base(samples)
-        return samples, all_rewards, metrics, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds,
-                                               "train_seconds": train_seconds}
 
     def epoch_randomness(self, epoch: int) -> tuple[random.Random, torch.Generator]:
         """This process's prompt RNG and noise generator for ``epoch`` (a function of seed, epoch and rank only)."""
@@ -238,18 +158,18 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, epoch, rank, "noise"))
         return rng, generator
 
-    def sample_epoch(self, epoch: int) -> tuple[EpochSamples, float, float]:
+    # ------------------------------------------------------------------------------------------------ sample
+    def sample_epoch(self, epoch: int) -> tuple[EpochSamples, dict]:
         """``num_batches_per_epoch`` batches; rewards run in a worker thread while the next batch samples."""
         cfg = self.cfg
         rng, generator = self.epoch_randomness(epoch)
-        unet = self.accelerator.unwrap_model(self.unet)
-        unet.eval()
+        self.denoiser.eval()
         trajectories, prompts, metadata, futures, images_kept = [], [], [], [], []
         start = time.perf_counter()
         for _ in range(cfg.sampler.num_batches_per_epoch):
-            batch_prompts, batch_meta = self._draw_prompts(rng)
-            trajectory, images = self.sample_batch(unet, batch_prompts, generator)
-            futures.append(self._submit_reward(images, batch_prompts, batch_meta))
+            batch_prompts, batch_meta = self.draw_prompts(rng, cfg.sampler.batch_size, cfg.sampler.group_size)
+            trajectory, images = self.sample_batch(batch_prompts, generator)
+            futures.append(self.submit_reward(images, batch_prompts, batch_meta))
             trajectories.append(trajectory)
             prompts += batch_prompts
             metadata += batch_meta
@@ -259,103 +179,123 @@ class Trainer:
         wait_start = time.perf_counter()
         results = [f.result() if isinstance(f, Future) else f for f in futures]
         reward_seconds = time.perf_counter() - wait_start
-        rewards = torch.cat([r for r, _ in results]).to(self.device)
-        info = merge_info([i for _, i in results])
-        trajectory = Trajectory(*(torch.cat([getattr(t, f) for t in trajectories]) for f in
-                                  ("latents", "next_latents", "log_probs", "timesteps", "final")))
-        return (EpochSamples(trajectory, prompts, metadata, rewards,
-                             torch.cat(images_kept)[: cfg.log.grid_images], info), sample_seconds, reward_seconds)
+        samples = EpochSamples(Trajectory.cat(trajectories), prompts, metadata,
+                               torch.cat([r for r, _ in results]).to(self.device),
+                               torch.cat(images_kept)[: cfg.log.grid_images], merge_info([i for _, i in results]))
+        return samples, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds}
 
-    def _draw_prompts(self, rng: random.Random) -> tuple[list[str], list[dict]]:
-        """``batch_size / group_size`` prompts, each repeated ``group_size`` times (consecutive)."""
-        group = self.cfg.sampler.group_size
-        pairs = self.prompt_set.sample(self.cfg.sampler.batch_size // group, rng)
-        pairs = [pair for pair in pairs for _ in range(group)]
+    def draw_prompts(self, rng: random.Random, n: int, group: int = 1) -> tuple[list[str], list[dict]]:
+        """``n / group`` prompts, each repeated ``group`` times (consecutive)."""
+        pairs = [pair for pair in self.prompt_set.sample(n // group, rng) for _ in range(group)]
         return [p for p, _ in pairs], [dict(m) for _, m in pairs]
 
     @torch.no_grad()
-    def sample_batch(self, unet, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
-        cfg, group = self.cfg, self.cfg.sampler.group_size
-        n_groups = len(prompts) // group
-        noise = torch.randn((n_groups, *self.latent_shape), generator=generator, device=self.device)
-        noise = noise.repeat_interleave(group, dim=0)  # [B, C, h, w]: one initial noise per group
-        cond = self.embed(prompts)
-        uncond = self.uncond.expand_as(cond)
+    def sample_batch(self, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
+        """Chains with log-probs from the current policy, one initial noise per group, and their images."""
+        group, shape = self.cfg.sampler.group_size, self.model.latent_shape()
+        noise = torch.randn((len(prompts) // group, *shape), generator=generator, device=self.device)
+        noise = noise.repeat_interleave(group, dim=0)  # [B, C, h, w]
         with self.accelerator.autocast():
-            trajectory = sample_trajectory(unet, self.schedule, noise, cond, uncond, cfg.sampler.guidance_scale,
-                                           cfg.sampler.eta, generator, self.weight_dtype)
-        return trajectory, decode_latents(self.pipe.vae, trajectory.final)
+            _, trajectory = run_chain(self.model, self.sampler, self.accelerator.unwrap_model(self.denoiser), noise,
+                                      self.model.encode(prompts), self.cfg.sampler.guidance_scale,
+                                      generator_noise(noise.shape, generator, self.device), record=True)
+        return trajectory, self.model.decode(trajectory.final)
 
-    def _submit_reward(self, images, prompts, metadata):
+    def submit_reward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         if self.cfg.log.async_reward:
             return self.executor.submit(self.reward_fn, images, prompts, metadata)
         return self.reward_fn(images, prompts, metadata)
 
-    def training_targets(self, samples: EpochSamples) -> tuple[torch.Tensor, np.ndarray]:
-        """Gather rewards and prompts from all processes (rank order) and turn them into this rank's advantages
-        (policy gradient) or sample weights (reward-weighted denoising). Also returns all rewards."""
-        from accelerate.utils import gather_object
+    def gather_rewards(self, samples: EpochSamples) -> np.ndarray:
+        """Rewards of every process, in rank order ``[N]``."""
+        return self.accelerator.gather(samples.rewards.detach().float()).cpu().numpy()
 
-        all_rewards = self.accelerator.gather(samples.rewards.float()).cpu().numpy()
-        all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
-        if self.algo.kind == "denoising":
+    def training_targets(self, samples: EpochSamples, all_rewards: np.ndarray) -> torch.Tensor:
+        """This rank's per-sample targets from everyone's rewards: the algorithm's weights, or advantages."""
+        if self.algo.targets == "weights":
             targets = self.algo.weights(all_rewards)
         else:
+            all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
             targets = compute_advantages(self.cfg.advantage.mode, all_rewards, all_prompts, self.tracker,
                                          self.cfg.sampler.group_size)
-        n = len(samples.prompts)
-        rank = self.accelerator.process_index
-        return torch.as_tensor(targets[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device), all_rewards
+        n, rank = len(samples.prompts), self.accelerator.process_index
+        return torch.as_tensor(targets[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------------------------------------ update
-    def train_epoch(self, epoch: int, samples: EpochSamples, targets: torch.Tensor) -> dict:
-        """``num_inner_epochs`` passes over this rank's samples in optimizer steps of batch_size x accumulation."""
+    def update_epoch(self, epoch: int, samples: EpochSamples, targets: torch.Tensor) -> dict:
+        """``num_inner_epochs`` passes over this rank's samples in optimizer steps of batch_size x accumulation;
+        each sample trains an independent random subset of the steps of the window."""
         cfg = self.cfg
-        traj = samples.trajectory
-        n_samples = traj.log_probs.shape[0]
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "shuffle"))
+        n_samples = len(samples.prompts)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index,
+                                                              "shuffle"))
         totals: dict[str, float] = {}
         updates = 0
-        window_start, window_end = self.counts.window
-        self.unet.train()
+        first_step, end_step = self.counts.window
+        per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+        self.denoiser.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
-            steps = torch.stack([window_start + torch.randperm(window_end - window_start, generator=generator)
-                                 for _ in range(n_samples)])
-            steps = steps[:, : self.counts.train_timesteps]  # [B, T_train]: an independent subset per sample
-            per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+            steps = torch.stack([first_step + torch.randperm(end_step - first_step, generator=generator)
+                                 for _ in range(n_samples)])[:, : self.counts.train_timesteps]   # [B, T_train]
             for first in range(0, n_samples, per_update):
                 sample_ids = order[first:first + per_update]
-                metrics = self.update(traj, samples.prompts, targets, sample_ids, steps[sample_ids])
-                for key, value in metrics.items():
+                for key, value in self.update(samples, targets, sample_ids, steps[sample_ids]).items():
                     totals[key] = totals.get(key, 0.0) + value
                 updates += 1
         return {key: value / max(updates, 1) for key, value in totals.items()}
 
-    def update(self, traj: Trajectory, prompts: list[str], targets: torch.Tensor, sample_ids: torch.Tensor,
+    def update(self, samples: EpochSamples, targets: torch.Tensor, sample_ids: torch.Tensor,
                steps: torch.Tensor) -> dict:
-        """One optimizer step over all (sample, timestep) pairs of ``sample_ids`` x ``steps`` [S, T_train].
+        """One optimizer step over all (sample, step) pairs of ``sample_ids`` x ``steps`` [S, T_train].
 
-        Pairs go through the UNet in chunks of ``train.batch_size x train.timesteps_per_forward``; each chunk's mean
-        loss is weighted by its share of pairs, so every pair counts equally (exact gradient accumulation).
+        Pairs go through the denoiser in chunks of ``train.batch_size x train.timesteps_per_forward``; each chunk's
+        mean loss is weighted by its share of pairs, so every pair counts equally (exact gradient accumulation).
         """
-        cfg = self.cfg
         rows = sample_ids.repeat_interleave(steps.shape[1])          # [P] sample index of each pair
-        cols = steps.reshape(-1)                                     # [P] step index of each pair
+        cols = steps.reshape(-1)                                     # [P] trajectory column of each pair
         n_pairs = rows.numel()
-        chunk = cfg.train.batch_size * cfg.train.timesteps_per_forward
+        chunk = self.cfg.train.batch_size * self.cfg.train.timesteps_per_forward
         sums: dict[str, float] = {}
         for first in range(0, n_pairs, chunk):
             r, c = rows[first:first + chunk], cols[first:first + chunk]
-            is_last = first + chunk >= n_pairs
-            sync = nullcontext() if is_last else self.accelerator.no_sync(self.unet)
+            sync = nullcontext() if first + chunk >= n_pairs else self.accelerator.no_sync(self.denoiser)
             with sync, self.accelerator.autocast():
-                loss, metrics = self.pair_loss(traj, prompts, targets, r, c)
+                loss, metrics = self.pair_loss(samples, targets, r, c)
                 self.accelerator.backward(loss * (r.numel() / n_pairs))
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * r.numel() / n_pairs
         sums["grad_norm"] = self.optimizer_step()
         return self.mean_over_processes(sums)
+
+    def pair_loss(self, samples: EpochSamples, targets: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The algorithm's loss and metrics on the (sample, step) pairs (rows, cols)."""
+        return self.algo.loss(**self.pair_tensors(samples, targets, rows, cols))
+
+    def pair_tensors(self, samples: EpochSamples, targets: torch.Tensor, rows: torch.Tensor,
+                     cols: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exactly the per-pair tensors the algorithm's loss declares (``algo.needs``) plus its targets."""
+        needs, traj = set(self.algo.needs), samples.trajectory
+        cond = self.model.encode([samples.prompts[i] for i in rows.tolist()])       # [P] rows
+        out = {self.algo.targets: targets[rows]}
+        if "old_log_prob" in needs:
+            out["old_log_prob"] = traj.log_probs[rows, cols]
+        if needs & POLICY_TENSORS:
+            out.update(self.policy_step(self.denoiser, traj, cond, rows, cols))
+        if needs & BASE_TENSORS:
+            base_denoiser = self.accelerator.unwrap_model(self.denoiser)
+            with torch.no_grad(), adapters_disabled(base_denoiser):
+                base = self.policy_step(base_denoiser, traj, cond, rows, cols)
+            out.update(base_mean=base["mean"], base_output=base["output"])
+        if "errors" in needs:
+            out["errors"] = denoising_errors(self.model, self.sampler, self.denoiser, traj.final[rows], cond)
+        return {key: out[key] for key in (*self.algo.needs, self.algo.targets)}
+
+    def policy_step(self, denoiser, traj: Trajectory, cond, rows: torch.Tensor, cols: torch.Tensor) -> dict:
+        guidance = self.cfg.sampler.guidance_scale if self.cfg.train.cfg else 1.0
+        return policy_step(self.model, self.sampler, denoiser, traj.latents[rows, cols], traj.next_latents[rows, cols],
+                           traj.steps[rows, cols], cond, guidance)
 
     def optimizer_step(self) -> float:
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
@@ -369,47 +309,6 @@ class Trainer:
         reduced = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.device), "mean")
         return dict(zip(keys, reduced.tolist()))
 
-    def pair_loss(self, traj: Trajectory, prompts: list[str], targets: torch.Tensor, rows: torch.Tensor,
-                  cols: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The algorithm's loss on the (sample, timestep) pairs (rows, cols)."""
-        cond = self.embed([prompts[i] for i in rows.tolist()])       # [P, L, D]
-        if self.algo.kind == "denoising":
-            return self.algo.loss(errors=self.denoising_errors(traj.final[rows], cond), weights=targets[rows])
-        step = self.policy_step(self.unet, traj, cond, rows, cols)
-        extra = {}
-        if self.algo.needs_base:
-            with torch.no_grad(), adapters_disabled(self.accelerator.unwrap_model(self.unet)):
-                base = self.policy_step(self.accelerator.unwrap_model(self.unet), traj, cond, rows, cols)
-            extra = {"mean": step["mean"], "base_mean": base["mean"], "std": step["std"], "eps": step["eps"],
-                     "base_eps": base["eps"]}
-        return self.algo.loss(log_prob=step["log_prob"], old_log_prob=traj.log_probs[rows, cols],
-                              advantages=targets[rows], **extra)
-
-    def policy_step(self, unet, traj: Trajectory, cond: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> dict:
-        """log pi(x_{t-1} | x_t, c), step mean/std and guided eps for pairs: the same CFG and maths as sampling."""
-        cfg = self.cfg
-        latents = traj.latents[rows, cols]                           # [P, C, h, w]
-        timesteps = traj.timesteps[rows, cols]                       # [P]
-        guidance = cfg.sampler.guidance_scale if cfg.train.cfg else 1.0
-        eps = guided_noise_pred(unet, latents, timesteps, cond, self.uncond.expand_as(cond), guidance,
-                                self.weight_dtype)
-        a_t, a_prev = self.schedule.alphas(timesteps)
-        _, log_prob, mean, std = ddim_step_with_logprob(eps, latents, a_t, a_prev, cfg.sampler.eta,
-                                                        self.schedule.prediction_type,
-                                                        prev_sample=traj.next_latents[rows, cols])
-        return {"log_prob": log_prob, "mean": mean, "std": std, "eps": eps}
-
-    def denoising_errors(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Per-pair mean squared error of the ordinary diffusion loss at a random training timestep ``[P]``."""
-        scheduler = self.pipe.scheduler
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=self.device)
-        noise = torch.randn_like(x0)
-        a = self.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if self.schedule.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        pred = self.unet(noisy.to(self.weight_dtype), t, encoder_hidden_states=cond.to(self.weight_dtype)).sample
-        return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
-
     @torch.no_grad()
     def kl_to_base(self, samples: EpochSamples, max_samples: int = 2, max_steps: int = 3) -> float | None:
         """Mean KL(policy step || base step) on a few stored (sample, step) pairs: an over-optimization signal.
@@ -417,40 +316,39 @@ class Trainer:
         None for full fine-tuning (there is no base model without a second copy)."""
         if not self.cfg.model.use_lora:
             return None
-        traj, unet = samples.trajectory, self.accelerator.unwrap_model(self.unet)
+        traj, denoiser = samples.trajectory, self.accelerator.unwrap_model(self.denoiser)
         n, t = traj.log_probs.shape
         rows = torch.arange(min(n, max_samples)).repeat_interleave(min(t, max_steps))
         cols = torch.linspace(0, t - 1, min(t, max_steps)).round().long().repeat(min(n, max_samples))
-        cond = self.embed([samples.prompts[i] for i in rows.tolist()])
+        cond = self.model.encode([samples.prompts[i] for i in rows.tolist()])
         with self.accelerator.autocast():
-            policy = self.policy_step(unet, traj, cond, rows, cols)
-            with adapters_disabled(unet):
-                base = self.policy_step(unet, traj, cond, rows, cols)
+            policy = self.policy_step(denoiser, traj, cond, rows, cols)
+            with adapters_disabled(denoiser):
+                base = self.policy_step(denoiser, traj, cond, rows, cols)
         kl = gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()
         return float(self.accelerator.reduce(kl, "mean"))
 
-    def backprop_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
+    def backprop_epoch(self, epoch: int) -> tuple[EpochSamples, dict, dict]:
         """Reward backprop (AlignProp / DRaFT): generate with the graph kept, loss = f(reward), backward, step."""
         cfg = self.cfg
         rng, generator = self.epoch_randomness(epoch)
         truncation_rng = random.Random(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "truncation"))
         accumulation = cfg.train.gradient_accumulation_steps
         n_micro = self.counts.samples_per_process // cfg.train.batch_size
-        self.unet.train()
+        self.denoiser.train()
         rewards, prompts, metadata, images_kept, infos, totals = [], [], [], [], [], {}
         start = time.perf_counter()
         for micro in range(n_micro):
-            pairs = self.prompt_set.sample(cfg.train.batch_size, rng)
-            batch_prompts, batch_meta = [p for p, _ in pairs], [dict(m) for _, m in pairs]
-            keep = self.algo.steps_with_gradient(len(self.schedule.timesteps), truncation_rng)
-            noise = torch.randn((len(pairs), *self.latent_shape), generator=generator, device=self.device)
-            cond = self.embed(batch_prompts)
+            batch_prompts, batch_meta = self.draw_prompts(rng, cfg.train.batch_size)
+            keep = self.algo.steps_with_gradient(self.sampler.num_steps, truncation_rng)
+            noise = torch.randn((len(batch_prompts), *self.model.latent_shape()), generator=generator,
+                                device=self.device)
             boundary = (micro + 1) % accumulation == 0
-            with (nullcontext() if boundary else self.accelerator.no_sync(self.unet)), self.accelerator.autocast():
-                final = sample_with_grad(self.unet, self.schedule, noise, cond, self.uncond.expand_as(cond),
-                                         cfg.sampler.guidance_scale, cfg.sampler.eta, keep, generator,
-                                         self.weight_dtype, self.algo.checkpoint_unet)
-                images = decode_latents(self.pipe.vae, final)
+            with (nullcontext() if boundary else self.accelerator.no_sync(self.denoiser)), self.accelerator.autocast():
+                final, _ = run_chain(self.model, self.sampler, self.denoiser, noise, self.model.encode(batch_prompts),
+                                     cfg.sampler.guidance_scale, generator_noise(noise.shape, generator, self.device),
+                                     keep_grad=keep, checkpoint_denoiser=self.algo.checkpoint_unet)
+                images = self.model.decode(final)
                 batch_rewards, batch_info = self.reward_fn(images, batch_prompts, batch_meta)
                 loss, _ = self.algo.loss(rewards=batch_rewards)
                 self.accelerator.backward(loss / accumulation)
@@ -464,13 +362,10 @@ class Trainer:
             infos.append(batch_info)
             if sum(len(i) for i in images_kept) < cfg.log.grid_images:
                 images_kept.append(images.detach().cpu())
-        train_seconds = time.perf_counter() - start
-        local_rewards = torch.cat(rewards)
-        all_rewards = self.accelerator.gather(local_rewards.float()).cpu().numpy()
-        samples = EpochSamples(None, prompts, metadata, local_rewards, torch.cat(images_kept)[: cfg.log.grid_images],
-                               merge_info(infos))
-        return samples, all_rewards, self.mean_over_processes(totals), {
-            "sample_seconds": 0.0, "reward_seconds": 0.0, "train_seconds": train_seconds}
+        samples = EpochSamples(None, prompts, metadata, torch.cat(rewards),
+                               torch.cat(images_kept)[: cfg.log.grid_images], merge_info(infos))
+        timings = {"sample_seconds": 0.0, "reward_seconds": 0.0, "train_seconds": time.perf_counter() - start}
+        return samples, self.mean_over_processes(totals), timings
 
     # ------------------------------------------------------------------------------------------------ outputs
     def log_epoch(self, epoch: int, row: dict, samples: EpochSamples) -> None:
@@ -485,21 +380,17 @@ class Trainer:
             captions = [f"{report.shown_prompt(p)} | {r:.2f}"
                         for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
             report.image_grid(samples.images, captions).save(self.run_dir / "images" / f"epoch_{epoch:04d}.png")
-        shown = [f"{key} {row[key]:.3g}" for key in ("loss", "approx_kl", "clipfrac", "kl_to_base", "kl_penalty")
-                 if isinstance(row.get(key), float)]
-        console.print(f"epoch {epoch:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
-                      f"{' | '.join(shown)} | {row['epoch_seconds']:.1f}s (sample {row['sample_seconds']:.1f}, "
-                      f"reward wait {row['reward_seconds']:.1f}, train {row['train_seconds']:.1f})",
-                      highlight=False)
+        console.print(report.epoch_line(row), highlight=False)
 
     def save_checkpoint(self, epoch: int) -> Path:
         state = {"global_step": self.global_step, "stat_tracker": self.tracker.state_dict(),
                  "seed": self.cfg.seed, "config": json.dumps(OmegaConf.to_container(self.cfg, resolve=True))}
-        return checkpoint.save(self.accelerator, self.unet, self.optimizer, state, self.run_dir, epoch,
-                               self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.accelerator, self.model, self.denoiser, self.optimizer, state, self.run_dir,
+                               epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
 
     def _resume(self, path: Path) -> None:
-        checkpoint.load_model(self.accelerator.unwrap_model(self.unet), path, self.cfg.model.use_lora)
+        checkpoint.load_weights(self.model, self.accelerator.unwrap_model(self.denoiser), path,
+                                self.cfg.model.use_lora)
         state = checkpoint.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["stat_tracker"])
@@ -515,7 +406,5 @@ class Trainer:
         if getattr(self, "accelerator", None) is not None:
             if self.cfg.log.tracker != "none":
                 self.accelerator.end_training()
-            from accelerate.state import AcceleratorState, GradientState
-
             AcceleratorState._reset_state(reset_partial_state=False)
             GradientState._reset_state()

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ddpo_cli.cli import compose  # noqa: E402
+from ddpo_cli.config import compose  # noqa: E402
 from ddpo_cli.report import read_metrics  # noqa: E402
 from ddpo_cli.trainer import Trainer  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
         trainer.setup()
-        counter = UNetCounter(trainer.accelerator.unwrap_model(trainer.unet))
+        counter = UNetCounter(trainer.accelerator.unwrap_model(trainer.denoiser))
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start

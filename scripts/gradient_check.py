@@ -3,7 +3,7 @@
 
 Both estimate the gradient of E[reward] with respect to the LoRA parameters: the score-function estimator
 (DDPO-SF, the trainer's own ``pair_loss``) from sampled trajectories and their log-probs, the pathwise estimator by
-backpropagating the reward through the whole sampling chain (``sample_with_grad``). In expectation they are the same
+backpropagating the reward through the whole sampling chain (``run_chain`` with every step's gradient kept). In expectation they are the same
 vector, so the cosine between the summed score-function batches and the pathwise gradient must be positive and grow
 with the number of samples; independent score-function batches show how noisy one batch is.
 
@@ -32,9 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ddpo_cli.cli import compose  # noqa: E402
-from ddpo_cli.pipeline import decode_latents  # noqa: E402
-from ddpo_cli.sampling import sample_with_grad  # noqa: E402
+from ddpo_cli.config import compose  # noqa: E402
+from ddpo_cli.rollout import generator_noise, run_chain  # noqa: E402
 from ddpo_cli.trainer import Trainer  # noqa: E402
 
 PROMPTS = ["one red circle", "two green squares", "three blue triangles", "four yellow circles"]
@@ -46,8 +45,8 @@ def flat_grad(trainer: Trainer) -> torch.Tensor:
 
 def score_function_gradient(trainer: Trainer, epoch: int) -> torch.Tensor:
     """DDPO-SF ascent direction from one epoch of samples, over the trained (sample, timestep) pairs."""
-    samples, _, _ = trainer.sample_epoch(epoch)
-    targets, rewards = trainer.training_targets(samples)
+    samples, _ = trainer.sample_epoch(epoch)
+    targets = trainer.training_targets(samples, trainer.gather_rewards(samples))
     trainer.optimizer.zero_grad()
     first, end = trainer.counts.window
     n = len(samples.prompts)
@@ -56,25 +55,25 @@ def score_function_gradient(trainer: Trainer, epoch: int) -> torch.Tensor:
     chunk = trainer.cfg.train.batch_size * trainer.cfg.train.timesteps_per_forward
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start:start + chunk], cols[start:start + chunk]
-        loss, _ = trainer.pair_loss(samples.trajectory, samples.prompts, targets, r, c)
+        loss, _ = trainer.pair_loss(samples, targets, r, c)
         (loss * r.numel() / rows.numel()).backward()
     return -flat_grad(trainer)
 
 
 def pathwise_gradient(trainer: Trainer, n: int, seed: int, micro_batch: int = 16) -> torch.Tensor:
-    """d mean(reward) / d LoRA through the whole chain (every UNet call kept, checkpointed)."""
-    cfg = trainer.cfg
+    """d mean(reward) / d LoRA through the whole chain (every denoiser call kept, checkpointed)."""
+    cfg, model = trainer.cfg, trainer.model
     generator = torch.Generator().manual_seed(seed)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    steps = len(trainer.schedule.timesteps)
+    steps = trainer.sampler.num_steps
     trainer.optimizer.zero_grad()
     for start in range(0, n, micro_batch):
         batch = prompts[start:start + micro_batch]
-        noise = torch.randn((len(batch), *trainer.latent_shape), generator=generator)
-        cond = trainer.embed(batch)
-        final = sample_with_grad(trainer.unet, trainer.schedule, noise, cond, trainer.uncond.expand_as(cond),
-                                 cfg.sampler.guidance_scale, cfg.sampler.eta, [True] * steps, generator)
-        rewards, _ = trainer.reward_fn(decode_latents(trainer.pipe.vae, final), batch, [{}] * len(batch))
+        noise = torch.randn((len(batch), *model.latent_shape()), generator=generator)
+        final, _ = run_chain(model, trainer.sampler, trainer.denoiser, noise, model.encode(batch),
+                             cfg.sampler.guidance_scale, generator_noise(noise.shape, generator, "cpu"),
+                             keep_grad=[True] * steps, checkpoint_denoiser=True)
+        rewards, _ = trainer.reward_fn(model.decode(final), batch, [{}] * len(batch))
         (rewards.sum() / n).backward()
     return flat_grad(trainer)
 

@@ -29,7 +29,7 @@ def tiny_model_dir(cache_dir) -> Path:
     from omegaconf import OmegaConf
 
     from ddpo_cli.config import TinyModelConfig
-    from ddpo_cli.pipeline import materialise_tiny
+    from ddpo_cli.models.tiny import materialise_tiny
 
     return materialise_tiny(OmegaConf.structured(TinyModelConfig), str(cache_dir))
 

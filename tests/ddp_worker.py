@@ -5,8 +5,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ddpo_cli.checkpoint import lora_state_dict
-from ddpo_cli.cli import compose
+from ddpo_cli.config import compose
 from ddpo_cli.trainer import Trainer
 
 run_dir = Path(sys.argv[1])
@@ -14,9 +13,9 @@ cfg = compose("train", sys.argv[2:])
 trainer = Trainer(cfg, run_dir)
 trainer.setup()
 trainer.train()
-unet = trainer.accelerator.unwrap_model(trainer.unet)
+unet = trainer.accelerator.unwrap_model(trainer.denoiser)
 rank = trainer.accelerator.process_index
-save_file({k: v.detach().contiguous() for k, v in lora_state_dict(unet).items()}, run_dir / f"rank{rank}_lora.safetensors")
+save_file({k: v.detach().contiguous() for k, v in trainer.model.lora_state_dict(unet).items()}, run_dir / f"rank{rank}_lora.safetensors")
 trainer.accelerator.wait_for_everyone()
 trainer.cleanup()
 print(f"rank {rank} of {os.environ.get('WORLD_SIZE')} done", flush=True)

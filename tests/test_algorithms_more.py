@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ddpo_cli.algorithms.alignprop import AlignProp, check_truncation, steps_with_gradient
-from ddpo_cli.algorithms.dpok import DPOK, gaussian_kl
+from ddpo_cli.algorithms.dpok import DPOK
 from ddpo_cli.algorithms.rwr import RWR, softmax_weights, top_fraction_weights
+from ddpo_cli.samplers.gaussian import gaussian_kl
 
 
 def test_softmax_weights_by_hand():
@@ -88,7 +89,7 @@ def test_alignprop_loss_forms():
 # ------------------------------------------------------------------------------------------ inside the trainer
 @pytest.fixture(scope="module")
 def make_trainer(tmp_path_factory, cache_dir):
-    from ddpo_cli.cli import compose
+    from ddpo_cli.config import compose
     from ddpo_cli.trainer import Trainer
 
     made = []
@@ -108,15 +109,15 @@ def make_trainer(tmp_path_factory, cache_dir):
 
 
 def lora_and_frozen_grads(trainer):
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     lora = [p.grad for n, p in unet.named_parameters() if "lora" in n]
     frozen = [p.grad for n, p in unet.named_parameters() if "lora" not in n]
-    frozen += [p.grad for p in trainer.pipe.vae.parameters()] + [p.grad for p in trainer.pipe.text_encoder.parameters()]
+    frozen += [p.grad for p in trainer.model.vae.parameters()] + [p.grad for p in trainer.model.pipe.text_encoder.parameters()]
     return lora, frozen
 
 
 def perturb_lora(trainer, scale=0.05):
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
@@ -125,13 +126,13 @@ def perturb_lora(trainer, scale=0.05):
 
 def test_dpok_kl_is_zero_at_init_and_has_gradient_after_a_change(make_trainer):
     trainer = make_trainer("algo=dpok", "algo.kl_beta=1.0")
-    samples, _, _ = trainer.sample_epoch(0)
+    samples, _ = trainer.sample_epoch(0)
     rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
     targets = torch.zeros(2)  # zero advantages: the loss is the KL term alone
-    loss, metrics = trainer.pair_loss(samples.trajectory, samples.prompts, targets, rows, cols)
+    loss, metrics = trainer.pair_loss(samples, targets, rows, cols)
     assert metrics["kl_penalty"].item() == 0.0 and trainer.kl_to_base(samples) == 0.0
     perturb_lora(trainer)
-    loss, metrics = trainer.pair_loss(samples.trajectory, samples.prompts, targets, rows, cols)
+    loss, metrics = trainer.pair_loss(samples, targets, rows, cols)
     assert metrics["kl_penalty"].item() > 0 and trainer.kl_to_base(samples) > 0
     loss.backward()
     lora, frozen = lora_and_frozen_grads(trainer)
@@ -141,9 +142,8 @@ def test_dpok_kl_is_zero_at_init_and_has_gradient_after_a_change(make_trainer):
 
 def test_rwr_gradients_reach_lora_only(make_trainer):
     trainer = make_trainer("algo=rwr")
-    samples, _, _ = trainer.sample_epoch(0)
-    loss, _ = trainer.pair_loss(samples.trajectory, samples.prompts, torch.ones(2), torch.tensor([0, 1]),
-                                torch.tensor([0, 0]))
+    samples, _ = trainer.sample_epoch(0)
+    loss, _ = trainer.pair_loss(samples, torch.ones(2), torch.tensor([0, 1]), torch.tensor([0, 0]))
     loss.backward()
     lora, frozen = lora_and_frozen_grads(trainer)
     assert sum(g.abs().sum() for g in lora if g is not None) > 0 and all(g is None for g in frozen)
@@ -152,9 +152,9 @@ def test_rwr_gradients_reach_lora_only(make_trainer):
 @pytest.mark.parametrize("truncation", ["last_k", "per_step_random"])
 def test_alignprop_gradients_reach_lora_only(make_trainer, truncation):
     trainer = make_trainer("algo=alignprop", "reward=custom", f"algo.truncation={truncation}", "train.lr=1e-2")
-    before = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.unet).named_parameters()}
-    _, rewards, metrics, _ = trainer.backprop_epoch(0)
-    after = dict(trainer.accelerator.unwrap_model(trainer.unet).named_parameters())
+    before = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.denoiser).named_parameters()}
+    _, metrics, _ = trainer.backprop_epoch(0)
+    after = dict(trainer.accelerator.unwrap_model(trainer.denoiser).named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed and all("lora" in n for n in changed)
     assert metrics["grad_norm"] > 0 and trainer.global_step == 1
@@ -163,16 +163,16 @@ def test_alignprop_gradients_reach_lora_only(make_trainer, truncation):
 def test_timestep_window_trains_only_the_window(make_trainer):
     # 4 steps, window [0, 0.5]: every trained (sample, step) pair is one of the first two denoising steps
     trainer = make_trainer("sampler.num_steps=4", "train.timestep_window=[0,0.5]")
-    samples, _, _ = trainer.sample_epoch(0)
+    samples, _ = trainer.sample_epoch(0)
     seen = []
     original = trainer.policy_step
 
-    def recording(unet, traj, cond, rows, cols):
+    def recording(denoiser, traj, cond, rows, cols):
         seen.extend(cols.tolist())
-        return original(unet, traj, cond, rows, cols)
+        return original(denoiser, traj, cond, rows, cols)
 
     trainer.policy_step = recording
-    trainer.train_epoch(0, samples, torch.ones(2))
+    trainer.update_epoch(0, samples, torch.ones(2))
     assert sorted(seen) == [0, 0, 1, 1]  # 2 samples x both window steps, nothing else
 
 
@@ -189,7 +189,7 @@ def test_ddpo_is_with_one_update_per_epoch_trains_exactly_like_ddpo_sf(make_trai
     def lora_after_training(algo):
         trainer = make_trainer(f"algo={algo}", "train.num_epochs=2", "train.lr=1e-2", "seed=3")
         trainer.train()
-        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        unet = trainer.accelerator.unwrap_model(trainer.denoiser)
         return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
 
     is_weights, sf_weights = lora_after_training("ddpo_is"), lora_after_training("ddpo_sf")

@@ -96,7 +96,7 @@ def test_sample_writes_images_grid_and_jsonl(samples, run):
 
 def test_base_model_images_are_reproduced_with_the_same_seeds(samples, run, tmp_path):
     """lora_scale=0, checkpoint=none and no run at all draw the same base-model images; the LoRA changes them."""
-    from ddpo_cli.cli import compose
+    from ddpo_cli.config import compose
     from ddpo_cli.sample import sample_images
     from ddpo_cli.sample_config import apply_run_defaults
 
@@ -118,7 +118,7 @@ def test_base_model_images_are_reproduced_with_the_same_seeds(samples, run, tmp_
 def test_lora_scale_interpolates_the_weight_change_linearly(run):
     from safetensors.torch import load_file
 
-    from ddpo_cli.cli import compose
+    from ddpo_cli.config import compose
     from ddpo_cli.sample import ImageSampler
     from ddpo_cli.sample_config import apply_run_defaults
 
@@ -127,7 +127,7 @@ def test_lora_scale_interpolates_the_weight_change_linearly(run):
     sampler = ImageSampler(cfg)
     ckpt = run / "checkpoints" / "epoch_0001"
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    layer = sampler.unet.get_submodule(name)
+    layer = sampler.denoiser.get_submodule(name)
     eye = torch.eye(layer.in_features)
 
     def delta(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +150,9 @@ def test_lora_scale_interpolates_the_weight_change_linearly(run):
 
 
 def test_batched_sampling_equals_the_training_sampler_image_by_image(run):
-    from ddpo_cli.cli import compose
-    from ddpo_cli.pipeline import decode_latents
+    from ddpo_cli.config import compose
+    from ddpo_cli.rollout import generator_noise, run_chain
     from ddpo_cli.sample import ImageSampler
-    from ddpo_cli.sampling import sample_trajectory
 
     cfg = compose("sample", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2", "threads=1"])
     sampler = ImageSampler(cfg)
@@ -161,11 +160,10 @@ def test_batched_sampling_equals_the_training_sampler_image_by_image(run):
     batched = sampler.generate(prompts, seeds)                     # [2, 3, H, W]
     for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((1, *sampler.latent_shape), generator=generator)
-        cond = sampler.embed([prompt])
-        traj = sample_trajectory(sampler.unet, sampler.schedule, noise, cond, sampler.uncond.expand_as(cond),
-                                 cfg.sampler.guidance_scale, cfg.sampler.eta, generator)
-        torch.testing.assert_close(decode_latents(sampler.pipe.vae, traj.final)[0], batched[k], rtol=0, atol=1e-5)
+        noise = torch.randn((1, *sampler.model.latent_shape()), generator=generator)
+        final, _ = run_chain(sampler.model, sampler.sampler, sampler.denoiser, noise, sampler.model.encode([prompt]),
+                             cfg.sampler.guidance_scale, generator_noise(noise.shape, generator, "cpu"))
+        torch.testing.assert_close(sampler.model.decode(final)[0], batched[k], rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- ddpo eval
@@ -269,7 +267,8 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- statistics
 def test_statistics_and_overoptimization_flags():
-    from ddpo_cli.evaluate import ModelEval, best_model, mean_se, overoptimization, pairwise_diversity
+    from ddpo_cli.evaluate import ModelEval, best_model, overoptimization, pairwise_diversity
+    from ddpo_cli.stats import mean_se
 
     assert mean_se([1.0, 3.0]) == pytest.approx({"mean": 2.0, "se": 1.0, "n": 2})  # std(ddof=1) = sqrt(2), / sqrt(2)
     images = torch.zeros(4, 3, 8, 8)

@@ -89,32 +89,34 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(full_run):
 
 
 def test_saved_lora_loads_with_plain_diffusers_and_reproduces_images(full_run, tiny_model_dir):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from omegaconf import OmegaConf
 
     from ddpo_cli import checkpoint
-    from ddpo_cli.pipeline import PromptEmbeddingCache, prepare_for_training
-    from ddpo_cli.sampling import NoiseSchedule, sample_trajectory
+    from ddpo_cli.models import load_model
+    from ddpo_cli.models.sd import StableDiffusion
+    from ddpo_cli.rollout import generator_noise, run_chain
+    from ddpo_cli.samplers.ddim import DDIMSampler
 
     ckpt = full_run / "checkpoints" / "epoch_0001"
     plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     plain.load_lora_weights(ckpt)
 
-    ours = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     cfg = OmegaConf.load(full_run / ".hydra" / "config.yaml")
-    prepare_for_training(ours, cfg.model, torch.float32)
-    checkpoint.load_model(ours.unet, ckpt, use_lora=True)
+    ours = load_model(cfg.model, torch.device("cpu"), torch.float32)
+    checkpoint.load_weights(ours, ours.denoiser, ckpt, use_lora=True)
     base = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
 
     def images(pipe):
-        schedule = NoiseSchedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler.config), 4)
-        embed = PromptEmbeddingCache(pipe, "cpu")
-        cond, uncond = embed(["cat", "dog"]), embed(["", ""])
+        model = StableDiffusion(pipe, "cpu", torch.float32)  # the family wrapped around a plain pipeline
+        sampler = DDIMSampler(dict(pipe.scheduler.config), 4, eta=1.0)
         noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        traj = sample_trajectory(pipe.unet, schedule, noise, cond, uncond, 5.0, 1.0, torch.Generator().manual_seed(1))
-        return traj.final
+        generator = torch.Generator().manual_seed(1)
+        final, _ = run_chain(model, sampler, pipe.unet, noise, model.encode(["cat", "dog"]), 5.0,
+                             generator_noise(noise.shape, generator, "cpu"))
+        return final
 
-    torch.testing.assert_close(images(plain), images(ours), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(images(plain), images(ours.pipe), rtol=1e-4, atol=1e-4)
     assert (images(plain) - images(base)).abs().max() > 1e-4, "the LoRA should change the images"
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ddpo_cli.cli import compose, conf_dir, sweep_jobs
-from ddpo_cli.config import derive_counts, validate
+from ddpo_cli.cli import sweep_jobs
+from ddpo_cli.config import compose, conf_dir, derive_counts, validate
 from ddpo_cli.errors import UserError
 
 CONF = conf_dir()

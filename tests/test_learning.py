@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpo_cli.cli import compose
+from ddpo_cli.config import compose
 from ddpo_cli.report import read_metrics
-from ddpo_cli.trainer import Trainer, derive_seed
+from ddpo_cli.runtime import derive_seed
+from ddpo_cli.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["one red circle", "two green squares", "three blue triangles", "four yellow circles"]
@@ -30,11 +31,10 @@ MARGIN_KB = 0.05
 
 def fixed_eval(trainer: Trainer, prompts: list[str], n_per_prompt: int) -> torch.Tensor:
     """Per-image rewards of the current policy on fixed prompts and fixed noise (the same for every call)."""
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     generator = torch.Generator().manual_seed(derive_seed("fixed-eval"))
     with torch.no_grad():
-        _, images = trainer.sample_batch(unet, prompts, generator)
+        _, images = trainer.sample_batch(prompts, generator)
         rewards, _ = trainer.reward_fn(images, prompts, [{}] * len(prompts))
     return rewards.float()
 
@@ -123,7 +123,7 @@ def quickstart_gain_over_base(seed: int, *overrides: str, last_epochs: int = 10)
     """Train `experiment=quickstart` and compare each of its last epochs' samples with the base model's samples from
     the same prompts and noise (the epoch's own generator, LoRA switched off). Returns the mean and standard error
     over those epochs of the paired difference in exact-count accuracy."""
-    from ddpo_cli.trainer import adapters_disabled
+    from ddpo_cli.models import adapters_disabled
 
     cfg = compose("train", ["experiment=quickstart", f"seed={seed}", "log.tracker=none", "threads=2",
                             "log.image_every=1000", "checkpoint.every=1000", *overrides])
@@ -134,7 +134,7 @@ def quickstart_gain_over_base(seed: int, *overrides: str, last_epochs: int = 10)
             trainer.train()
             tuned = [row["reward_info/exact"] for row in read_metrics(Path(run_dir))][-last_epochs:]
             first = cfg.train.num_epochs - last_epochs
-            with adapters_disabled(trainer.accelerator.unwrap_model(trainer.unet)):
+            with adapters_disabled(trainer.accelerator.unwrap_model(trainer.denoiser)):
                 base = [float(torch.tensor(trainer.sample_epoch(epoch)[0].info["exact"], dtype=torch.float).mean())
                         for epoch in range(first, cfg.train.num_epochs)]
         finally:

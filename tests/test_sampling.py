@@ -3,8 +3,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ddpo_cli.pipeline import SCHEDULER_CONFIG
-from ddpo_cli.sampling import NoiseSchedule, ddim_step_with_logprob, sample_trajectory
+from ddpo_cli.models import Conditioning
+from ddpo_cli.models.tiny import SCHEDULER_CONFIG
+from ddpo_cli.rollout import generator_noise, run_chain
+from ddpo_cli.samplers.ddim import DDIMSampler, NoiseSchedule, ddim_step_with_logprob
 
 
 def make_schedule(num_steps=10, **overrides):
@@ -62,26 +64,28 @@ def test_eta_zero_is_refused():
         ddim_step_with_logprob(one, one, torch.tensor([0.25]), torch.tensor([0.5]), 0.0)
 
 
-class ConstantUNet(torch.nn.Module):
-    """eps = 0.1 * x, conditioned on nothing: enough to check trajectory bookkeeping."""
+class ConstantModel:
+    """A model family whose prediction is eps = 0.1 * x, conditioned on nothing: enough to check the chain's
+    bookkeeping."""
 
-    dtype = torch.float32
+    negative = Conditioning(torch.zeros(1, 3, 8))
 
-    def forward(self, x, t, encoder_hidden_states):
-        return type("Out", (), {"sample": 0.1 * x})()
+    def predict(self, denoiser, x, t, cond, uncond, guidance):
+        return 0.1 * x
 
 
 def test_trajectory_chains_and_log_probs_recompute():
     _, schedule = make_schedule(5)
+    sampler = DDIMSampler(SCHEDULER_CONFIG, 5, eta=1.0)
     noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    embeds = torch.zeros(2, 3, 8)
-    traj = sample_trajectory(ConstantUNet(), schedule, noise, embeds, embeds, 5.0, 1.0,
-                             torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    _, traj = run_chain(ConstantModel(), sampler, None, noise, Conditioning(torch.zeros(2, 3, 8)), 5.0,
+                        generator_noise(noise.shape, generator, "cpu"), record=True)
     assert traj.latents.shape == (2, 5, 4, 4, 4) and traj.log_probs.shape == (2, 5)
     torch.testing.assert_close(traj.latents[:, 1:], traj.next_latents[:, :-1])
     torch.testing.assert_close(traj.final, traj.next_latents[:, -1])
     # recomputing the log-prob of the stored step gives the stored value exactly (ratio == 1)
-    t = traj.timesteps[:, 2]
+    t = sampler.model_time(traj.steps[:, 2])
     a_t, a_prev = schedule.alphas(t)
     _, log_prob, _, _ = ddim_step_with_logprob(0.1 * traj.latents[:, 2], traj.latents[:, 2], a_t, a_prev, 1.0,
                                                prev_sample=traj.next_latents[:, 2])

@@ -16,6 +16,7 @@ import random
 
 import torch
 
+from ..errors import UserError
 from .base import Algorithm
 
 TRUNCATIONS = ("per_step_random", "last_k", "random_last_k", "fixed")
@@ -55,7 +56,8 @@ def check_truncation(mode: str, num_steps: int, k: int, k_min: int, keep_steps: 
 
 
 class AlignProp(Algorithm):
-    kind = "backprop"
+    rollout = "backprop"
+    needs = ()
 
     def __init__(self, name: str = "alignprop", truncation: str = "per_step_random", k: int = 1, k_min: int = 1,
                  keep_steps: list[int] | None = None, loss: str = "neg_reward", target: float = 10.0,
@@ -66,6 +68,18 @@ class AlignProp(Algorithm):
         self.truncation, self.k, self.k_min, self.keep_steps = truncation, k, k_min, list(keep_steps or [])
         self.loss_form, self.target, self.loss_scale = loss, target, loss_scale
         self.checkpoint_unet = checkpoint_unet
+
+    def check(self, cfg, reward) -> None:
+        """The truncation must leave some gradient, eta may be 0, and the reward must be differentiable."""
+        if cfg.sampler.eta < 0:
+            raise UserError(f"sampler.eta={cfg.sampler.eta}: must be >= 0")
+        problem = check_truncation(self.truncation, cfg.sampler.num_steps, self.k, self.k_min, self.keep_steps)
+        if problem:
+            raise UserError(problem)
+        if not getattr(reward, "differentiable", False):
+            raise UserError(f"reward {cfg.reward._target_} is not differentiable, so {self.name} cannot "
+                            f"backpropagate it: choose a differentiable reward (aesthetic, clip_score, ...) or a "
+                            f"sample-based algo (ddpo_is, rwr, dpok)")
 
     def steps_with_gradient(self, num_steps: int, rng: random.Random) -> list[bool]:
         return steps_with_gradient(self.truncation, num_steps, rng, self.k, self.k_min, self.keep_steps)

@@ -1,17 +1,38 @@
-"""What every update rule declares. The trainer reads ``kind`` to know which tensors to hand over:
+"""What every update rule declares, so that the trainer never switches on which algorithm it runs.
 
-- ``policy_gradient``: per (sample, timestep) log-probs under the current and the sampling policy, advantages, and
-  (when ``needs_base``) the step means of the base model; ``loss(log_prob, old_log_prob, advantages, ...)``.
-- ``denoising``: per (sample, noise draw) denoising errors and per-sample weights; ``loss(errors, weights)``.
-- ``backprop``: the rewards of images generated with the graph kept; ``loss(rewards)``.
-- ``none``: no update at all (the control run of a comparison).
+- ``rollout``: how it gets its data. ``sample``: sample chains with log-probs, score them, then update on the stored
+  (sample, step) pairs; ``backprop``: generate with the autograd graph kept and backpropagate the reward;
+  ``none``: sample and score only (the control run of a comparison).
+- ``targets`` (sample rollouts): what the gathered rewards become per sample, ``advantages`` (per-prompt, batch or
+  group normalisation, ``advantage.mode``) or ``weights`` (the algorithm's own :meth:`weights`).
+- ``needs``: the per-pair tensors its ``loss`` takes as keyword arguments, besides the targets (named
+  ``advantages`` / ``weights``). The trainer computes exactly these:
+
+  ``log_prob``      [P]  log-prob of the stored step under the current policy (with gradient)
+  ``old_log_prob``  [P]  log-prob recorded when sampling
+  ``mean`` / ``std``      the current policy's step Gaussian ([P,C,h,w] / [P,1,1,1])
+  ``output``        [P,C,h,w]  the current denoiser output after CFG
+  ``base_mean`` / ``base_output``  the same for the base model (adapter disabled, no gradient)
+  ``errors``        [P]  the family's denoising loss on the sample's clean latents at a random noise level
+
+A backprop algorithm's ``loss(rewards)`` takes the rewards of images generated with the graph kept.
+``check(cfg, reward)`` validates the algorithm's settings against the run (raise UserError) before anything starts.
 """
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 class Algorithm:
-    kind: str = "policy_gradient"
-    needs_base: bool = False   # policy_gradient only: also compute the base (adapter-disabled) step means
+    rollout: str = "sample"
+    targets: str = "advantages"
+    needs: tuple[str, ...] = ("log_prob", "old_log_prob")
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def check(self, cfg, reward) -> None:
+        """Sample-based algorithms need a stochastic policy (the log-prob divides by the step's std)."""
+        if cfg.sampler.eta <= 0:
+            raise UserError(f"sampler.eta={cfg.sampler.eta}: the policy needs noise; use sampler.eta > 0 "
+                            f"(the paper uses 1.0)")

@@ -9,4 +9,5 @@ from .base import Algorithm
 
 
 class NoUpdate(Algorithm):
-    kind = "none"
+    rollout = "none"
+    needs = ()

@@ -29,7 +29,8 @@ def top_fraction_weights(rewards: np.ndarray, keep_fraction: float) -> np.ndarra
 
 
 class RWR(Algorithm):
-    kind = "denoising"
+    targets = "weights"
+    needs = ("errors",)
 
     def __init__(self, name: str = "rwr", beta: float = 0.2, sparse: bool = False, keep_fraction: float = 0.1) -> None:
         super().__init__(name)

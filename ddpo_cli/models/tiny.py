@@ -1,0 +1,136 @@
+"""Tiny random pipelines of each family, built in code from a seed (conf/model/tiny*.yaml) for tests and benchmarks.
+
+A tiny model is built once per spec, saved as an ordinary diffusers folder under ``model.cache_dir`` and then loaded
+through the same ``from_pretrained`` path as a real model, so everything made on it (LoRA files) loads with plain
+diffusers. Sizes follow diffusers' own dummy components.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..errors import UserError
+
+SCHEDULER_CONFIG = dict(  # Stable Diffusion v1's noise schedule (SDXL uses the same betas)
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+
+
+def byte_characters() -> list[str]:
+    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses to stand for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def tiny_tokenizer_files(folder: Path) -> None:
+    """A character-level CLIP BPE vocabulary (bytes, bytes + '</w>', two specials), no merges: tokenizes any text."""
+    chars = byte_characters()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_tokenizer_files(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def text_config(spec: DictConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=spec.text_hidden_size, intermediate_size=4 * spec.text_hidden_size,
+        num_hidden_layers=spec.text_layers, num_attention_heads=4, vocab_size=2 * 256 + 2,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        projection_dim=spec.text_hidden_size)
+
+
+def tiny_vae(spec: DictConfig) -> AutoencoderKL:
+    n_vae = len(spec.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(spec.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
+        norm_num_groups=min(32, min(spec.vae_channels)), sample_size=spec.image_size)
+
+
+def tiny_unet(spec: DictConfig, **extra) -> UNet2DConditionModel:
+    n_unet = len(spec.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=spec.image_size // 2 ** (len(spec.vae_channels) - 1), in_channels=4, out_channels=4,
+        block_out_channels=tuple(spec.unet_channels), layers_per_block=spec.layers_per_block,
+        cross_attention_dim=spec.cross_attention_dim,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_unet - 1) + ("UpBlock2D",),
+        attention_head_dim=8, norm_num_groups=min(32, min(spec.unet_channels)), **extra)
+
+
+def build_tiny_sd(spec: DictConfig) -> StableDiffusionPipeline:
+    """A randomly initialised SD-shaped pipeline; deterministic given ``spec`` (see conf/model/tiny.yaml)."""
+    if spec.text_hidden_size != spec.cross_attention_dim:
+        raise UserError(f"model.tiny.text_hidden_size={spec.text_hidden_size} must equal "
+                        f"model.tiny.cross_attention_dim={spec.cross_attention_dim}")
+    torch.manual_seed(spec.seed)
+    unet = tiny_unet(spec)
+    vae = tiny_vae(spec)
+    text_encoder = CLIPTextModel(text_config(spec))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def build_tiny_sdxl(spec: DictConfig, time_embed_dim: int = 8) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-shaped pipeline: two text encoders whose hidden states are concatenated
+    (``cross_attention_dim = 2 x text_hidden_size``), the second with a projection giving the pooled embedding, and
+    a UNet with text-time added conditioning (6 time ids)."""
+    if spec.cross_attention_dim != 2 * spec.text_hidden_size:
+        raise UserError(f"model.tiny.cross_attention_dim={spec.cross_attention_dim} must be 2 x "
+                        f"model.tiny.text_hidden_size={spec.text_hidden_size} for an SDXL model (two text encoders)")
+    torch.manual_seed(spec.seed)
+    unet = tiny_unet(spec, use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=time_embed_dim,
+                     projection_class_embeddings_input_dim=6 * time_embed_dim + spec.text_hidden_size)
+    vae = tiny_vae(spec)
+    text_encoder = CLIPTextModel(text_config(spec))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(spec))
+    tokenizer = tiny_tokenizer()
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=DDIMScheduler(**SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True)
+
+
+TINY_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+
+
+def materialise_tiny(spec: DictConfig, cache_dir: str, family: str = "sd") -> Path:
+    """Build the tiny pipeline of ``family`` once per spec and save it under ``cache_dir``; returns the folder
+    (written to a staging folder and renamed into place, so a half-written model is never used)."""
+    if family not in TINY_BUILDERS:
+        raise UserError(f"model.builder=tiny has no tiny {family!r} model: choose model.family from "
+                        f"{', '.join(TINY_BUILDERS)}")
+    container = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
+    digest = hashlib.sha1(json.dumps(container, sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(os.path.expanduser(cache_dir)) / f"tiny-{family}-{digest}"
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    TINY_BUILDERS[family](OmegaConf.create(container)).save_pretrained(staging, safe_serialization=True)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

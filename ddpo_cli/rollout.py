@@ -1,0 +1,112 @@
+"""The one denoising chain loop, for training, ``ddpo sample`` and ``ddpo eval``, and the per-pair recomputations of
+the update step.
+
+:func:`run_chain` runs a model family's denoiser under a sampler from initial noise to clean latents. Each step is
+stochastic (a Gaussian policy step: ``x_next = mean + std z``) or deterministic, as the sampler says. Optionally it
+records the chain (latents, next latents, log-probs, step indices: what the policy-gradient update needs), keeps the
+autograd graph of chosen steps (reward backprop), and gradient-checkpoints the kept denoiser calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .models import Conditioning, ModelFamily
+from .samplers import Sampler
+from .samplers.gaussian import gaussian_log_prob
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled denoising chains (detached). B samples, T steps; step ``j`` of sample ``b`` went from
+    ``latents[b, j]`` to ``next_latents[b, j]`` at step index ``steps[b, j]`` (the sampler maps indices to times)."""
+
+    latents: torch.Tensor       # [B, T, C, h, w]  x before each step
+    next_latents: torch.Tensor  # [B, T, C, h, w]  x after each step
+    log_probs: torch.Tensor     # [B, T]           log pi_old(x_next | x, c) (0 for deterministic steps)
+    steps: torch.Tensor         # [B, T]           step indices (long)
+    final: torch.Tensor         # [B, C, h, w]     clean latents (for decoding)
+
+    @staticmethod
+    def cat(parts: list["Trajectory"]) -> "Trajectory":
+        return Trajectory(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectory)))
+
+
+NoiseSource = Callable[[], torch.Tensor]  # the next standard normal draw [B, C, h, w] (fp32)
+
+
+def generator_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> NoiseSource:
+    """Draws of one generator (training: one generator per epoch and process)."""
+    return lambda: torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def per_image_noise(shape: tuple[int, ...], generators: list[torch.Generator], device) -> NoiseSource:
+    """Draws of one CPU generator per image, so an image does not depend on its batch (``ddpo sample`` / eval)."""
+    return lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, cond: Conditioning, guidance: float,
+              noise: NoiseSource | None = None, record: bool = False, keep_grad: list[bool] | None = None,
+              checkpoint_denoiser: bool = False) -> tuple[torch.Tensor, Trajectory | None]:
+    """The chain from ``x [B,C,h,w]`` (initial noise) to clean latents; returns ``(final, trajectory or None)``.
+
+    ``noise`` supplies each stochastic step's draw (after the step's denoiser call). ``keep_grad[i]`` says whether
+    step i's denoiser output keeps its gradient (reward backprop; None = no step does). Detached outputs still pass
+    gradient along the latent chain. Run under ``torch.no_grad()`` when nothing keeps a gradient.
+    """
+    x = x.float()
+    batch = x.shape[0]
+    uncond = model.negative
+    before, after, log_probs, steps = [], [], [], []
+    for i in range(sampler.num_steps):
+        step = torch.full((batch,), i, dtype=torch.long, device=x.device)
+        t = sampler.model_time(step)
+
+        def predict(latents):
+            return model.predict(denoiser, latents, t, cond, uncond, guidance)
+
+        if keep_grad is not None and keep_grad[i]:
+            output = checkpoint(predict, x, use_reentrant=False) if checkpoint_denoiser else predict(x)
+        else:
+            with torch.no_grad():
+                output = predict(x)
+        if sampler.is_stochastic(i):
+            mean, std = sampler.step_distribution(output, x, step)
+            x_next = mean + std * noise()
+            log_prob = gaussian_log_prob(x_next.detach(), mean, std) if record else None
+        else:
+            x_next = sampler.step(output, x, step)
+            log_prob = torch.zeros(batch, device=x.device) if record else None
+        if record:
+            before.append(x)
+            after.append(x_next.detach())
+            log_probs.append(log_prob)
+            steps.append(step)
+        x = x_next
+    if not record:
+        return x, None
+    return x, Trajectory(torch.stack(before, 1), torch.stack(after, 1), torch.stack(log_probs, 1),
+                         torch.stack(steps, 1), x)
+
+
+# ----------------------------------------------------------------------------------------------- update step
+def policy_step(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.Tensor, next_latents: torch.Tensor,
+                steps: torch.Tensor, cond: Conditioning, guidance: float) -> dict[str, torch.Tensor]:
+    """For (sample, step) pairs: ``log pi(next | latents, c)`` ``[P]``, the step's ``mean``, ``std`` and the
+    denoiser ``output`` (after CFG), with the same maths and guidance as sampling (ratio == 1 before an update)."""
+    output = model.predict(denoiser, latents, sampler.model_time(steps), cond, model.negative, guidance)
+    mean, std = sampler.step_distribution(output, latents, steps)
+    return {"log_prob": gaussian_log_prob(next_latents.detach().float(), mean, std), "mean": mean, "std": std,
+            "output": output}
+
+
+def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.Tensor,
+                     cond: Conditioning) -> torch.Tensor:
+    """Per-pair mean squared error ``[P]`` of the family's training loss at a random training time (no CFG)."""
+    t = sampler.training_times(x0.shape[0], x0.device)
+    noisy, target = sampler.noisy_and_target(x0, torch.randn_like(x0), t)
+    prediction = model.predict(denoiser, noisy, t, cond, model.negative, 1.0)
+    return ((prediction - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))

@@ -1,0 +1,146 @@
+"""What a run folder holds and how to find things in it. Torch-free: the CLI's checks import it before any model.
+
+A run written by ``ddpo train``::
+
+    .hydra/config.yaml                 the resolved training config (RUN_CONFIG)
+    metrics.jsonl  reward_curve.png  images/epoch_XXXX.png
+    checkpoints/epoch_XXXX/            one folder per saved epoch:
+        pytorch_lora_weights.safetensors   LoRA in the family's diffusers format (LORA_FILE)
+        unet/ or transformer/              full fine-tuning: the denoiser's save_pretrained folder
+        training_state.pt                  optimizer, epoch, global step, stat tracker (STATE_FILE)
+
+A multirun folder of ``ddpo train -m`` holds one run folder per job.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .errors import UserError
+
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+STATE_FILE = "training_state.pt"
+FULL_WEIGHT_DIRS = ("unet", "transformer")  # the denoiser's folder name in a full fine-tuning checkpoint
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{4,})$")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
+
+
+def epoch_of(path: Path) -> int | None:
+    """``.../epoch_0003`` -> 3 (None for a folder not named like a checkpoint)."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (by epoch number)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("epoch_*") if epoch_of(p) is not None and (p / STATE_FILE).exists()]
+    return sorted(found, key=epoch_of)
+
+
+def has_weights(checkpoint: Path) -> bool:
+    return (checkpoint / LORA_FILE).exists() or any((checkpoint / d).is_dir() for d in FULL_WEIGHT_DIRS)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its latest checkpoint). UserError if there is none."""
+    path = Path(path).expanduser()
+    if (path / STATE_FILE).exists():
+        return path
+    if not path.exists():
+        raise UserError(f"resume path '{path}' does not exist: give a run directory or one of its checkpoints/epoch_*")
+    found = list_checkpoints(path)
+    if not found:
+        raise UserError(f"no checkpoint under '{path}': give a run directory that holds checkpoints/epoch_*")
+    return found[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """``<run>/checkpoints/epoch_XXXX`` -> ``<run>``."""
+    return Path(checkpoint).parent.parent
+
+
+def resolve_checkpoint(run: Optional[str], spec: Any) -> Optional[Path]:
+    """``none`` -> None (base model); ``latest`` -> the run's newest checkpoint (None without a run);
+    ``3`` / ``epoch_0003`` -> that checkpoint of the run; anything else -> a checkpoint folder."""
+    spec = None if spec is None else str(spec)
+    if spec is None or spec.lower() in ("none", "base"):
+        return None
+    if spec == "latest":
+        if not run:
+            return None
+        found = list_checkpoints(Path(run))
+        if not found:
+            raise UserError(f"no checkpoint under '{run}/checkpoints': train at least one epoch, name one with "
+                            f"checkpoint=<epoch dir>, or use checkpoint=none for the base model")
+        return found[-1]
+    if spec.isdigit() or spec.startswith("epoch_"):
+        if not run:
+            raise UserError(f"checkpoint={spec} names an epoch: also give run=<run dir>")
+        name = f"epoch_{int(spec):04d}" if spec.isdigit() else spec
+        path = Path(run) / "checkpoints" / name
+    else:
+        path = Path(spec).expanduser()
+    if not has_weights(path):
+        raise UserError(f"checkpoint '{path}' not found (no {LORA_FILE} or {'/'.join(FULL_WEIGHT_DIRS)} folder in it):"
+                        f" give latest, none, an epoch number or a checkpoints/epoch_XXXX folder")
+    return path
+
+
+def resolve_checkpoints(run: str, spec: Any) -> list[Path]:
+    """``latest`` | ``all`` | a list of epoch numbers, names or folders -> checkpoint folders (oldest first)."""
+    if isinstance(spec, str) and spec == "all":
+        found = list_checkpoints(Path(run))
+        if not found:
+            raise UserError(f"no checkpoint under '{run}/checkpoints': train at least one epoch first")
+        return found
+    specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+    if not specs:
+        raise UserError("checkpoints=[] is empty: give latest, all or a list such as [0,3]")
+    paths = [resolve_checkpoint(run, s) for s in specs]
+    if any(p is None for p in paths):
+        raise UserError("checkpoints lists 'none': the base model is always evaluated, leave it out")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- run config
+def load_run_config(run: str | Path) -> DictConfig:
+    """The resolved training config of a run directory (its ``.hydra/config.yaml``)."""
+    path = Path(run).expanduser()
+    if not path.is_dir():
+        raise UserError(f"run directory '{run}' does not exist: give a folder written by `ddpo train`")
+    if not (path / RUN_CONFIG).exists():
+        raise UserError(f"'{run}' is not a run directory (no {RUN_CONFIG}): give a folder written by `ddpo train`")
+    return OmegaConf.load(path / RUN_CONFIG)
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+def sweep_job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a multirun dir, in job-number order. UserError if there are none."""
+    sweep_dir = Path(sweep_dir).expanduser()
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep directory '{sweep_dir}' does not exist: give the folder of a `ddpo train -m` run")
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / RUN_CONFIG).exists()]
+    if not jobs:
+        raise UserError(f"no job folders (with {RUN_CONFIG}) in '{sweep_dir}': give the folder of a `ddpo train -m` "
+                        f"run (hydra.sweep.dir)")
+    return sorted(jobs, key=_job_number)
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    match = re.search(r"(\d+)", path.name)
+    return (int(match.group(1)) if match else 1 << 30, path.name)
+
+
+def job_overrides(job: Path) -> list[str]:
+    """The command-line overrides of one job (``.hydra/overrides.yaml``)."""
+    path = job / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.exists() else []

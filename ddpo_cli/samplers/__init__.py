@@ -1,0 +1,57 @@
+"""The sampler seam: the step maths of a denoising chain, chosen by ``sampler.name``.
+
+A sampler answers, for step index ``i`` (0 = the noisiest step; trajectories store indices, the sampler maps them to
+times):
+
+- ``num_steps`` and ``timesteps [T]`` (the denoiser's time input per step), ``model_time(steps [N]) -> [N]``;
+- ``is_stochastic(i)``: whether step ``i`` is a policy step (trained, with a log-prob) or a deterministic one;
+- ``step_distribution(output, x_t, steps) -> (mean, std)``: the Gaussian of a stochastic step (fp32);
+- ``step(output, x_t, steps) -> x_next``: the deterministic step of inference;
+- ``training_times(n, device)`` and ``noisy_and_target(x0, noise, t) -> (x_t, target)``: the forward process and
+  regression target of the family's training loss (reward-weighted regression and other denoising-loss algorithms);
+- ``model_kind``: which model families it fits (``diffusion``: DDPM-trained; ``flow``: rectified flow).
+
+Log-prob and KL of the Gaussian steps are shared maths in :mod:`ddpo_cli.samplers.gaussian`.
+Adding a sampler: one module here, one line in ``SAMPLERS``, one ``conf/sampler/<name>.yaml`` and a parity test.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..errors import UserError
+from .ddim import DDIMSampler
+
+SAMPLERS = {"ddim": DDIMSampler}
+
+
+class Sampler(Protocol):
+    name: str
+    model_kind: str
+    num_steps: int
+    timesteps: torch.Tensor
+
+    def model_time(self, steps: torch.Tensor) -> torch.Tensor: ...
+    def is_stochastic(self, i: int) -> bool: ...
+    def step_distribution(self, output: torch.Tensor, x_t: torch.Tensor,
+                          steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def step(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor: ...
+    def training_times(self, n: int, device: torch.device | str) -> torch.Tensor: ...
+    def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor,
+                         t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def check_sampler_name(name: str) -> None:
+    if name not in SAMPLERS:
+        raise UserError(f"sampler.name={name!r}: choose one of {', '.join(SAMPLERS)} (see `ddpo ls sampler`)")
+
+
+def build_sampler(sampler_cfg, model) -> Sampler:
+    """The sampler of ``sampler_cfg`` on the noise schedule of ``model`` (a loaded model family)."""
+    check_sampler_name(sampler_cfg.name)
+    cls = SAMPLERS[sampler_cfg.name]
+    if cls.model_kind != model.kind:
+        raise UserError(f"sampler={sampler_cfg.name} is for {cls.model_kind} models but model.family="
+                        f"{model.family} is a {model.kind} model: choose a matching sampler")
+    return cls.from_config(sampler_cfg, model.scheduler_config, model.device)
