@@ -137,6 +137,15 @@ def startup_table(title: str, rows: list[tuple[str, str]]):
     return table
 
 
+def merge_info(infos: list[dict]) -> dict[str, list]:
+    """Per-batch reward info dicts -> one dict of per-image lists (tensors become plain lists)."""
+    merged: dict[str, list] = {}
+    for info in infos:
+        for key, values in info.items():
+            merged.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
+    return merged
+
+
 def numeric_columns(info: dict) -> dict[str, np.ndarray]:
     """The per-image numeric lists of a reward's info as float arrays (text and other values are skipped)."""
     out = {}

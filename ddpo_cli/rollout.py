@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .models import Conditioning, ModelFamily
 from .samplers import Sampler
-from .samplers.gaussian import gaussian_log_prob
+from .models import adapters_disabled
+from .samplers.gaussian import gaussian_kl, gaussian_log_prob
 
 
 @dataclass
@@ -110,3 +111,19 @@ def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.T
     noisy, target = sampler.noisy_and_target(x0, torch.randn_like(x0), t)
     prediction = model.predict(denoiser, noisy, t, cond, model.negative, 1.0)
     return ((prediction - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+
+
+@torch.no_grad()
+def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory, prompts: list[str], guidance: float,
+               max_samples: int = 2, max_steps: int = 3) -> torch.Tensor:
+    """Mean KL(policy step || base step) over the first ``max_samples`` chains at ``max_steps`` evenly spaced
+    steps (the base model: the same denoiser with its LoRA adapter disabled)."""
+    n, t = traj.log_probs.shape
+    rows = torch.arange(min(n, max_samples)).repeat_interleave(min(t, max_steps))
+    cols = torch.linspace(0, t - 1, min(t, max_steps)).round().long().repeat(min(n, max_samples))
+    cond = model.encode([prompts[i] for i in rows.tolist()])
+    args = (traj.latents[rows, cols], traj.next_latents[rows, cols], traj.steps[rows, cols], cond, guidance)
+    policy = policy_step(model, sampler, denoiser, *args)
+    with adapters_disabled(denoiser):
+        base = policy_step(model, sampler, denoiser, *args)
+    return gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()

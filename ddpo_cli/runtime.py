@@ -63,11 +63,10 @@ def resolve_precision(name: str, device: torch.device, key: str = "train.mixed_p
 
 def precision_rows(precision: str, device: torch.device) -> list[tuple[str, str]]:
     """Start-up table rows that say what runs in which precision."""
-    compute = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[precision]
-    frozen = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
-    return [("device", str(device)),
-            ("precision", f"denoiser/VAE/text encoders: {compute} (frozen weights {frozen}); "
-                          f"LoRA weights, optimizer, sampler maths and log-probs: fp32")]
+    if precision == "no":
+        return [("device / precision", f"{device} / fp32")]
+    return [("device / precision", f"{device} / {precision} autocast, frozen weights {precision}; LoRA, optimizer "
+                                   f"and sampler maths fp32")]
 
 
 def set_threads(threads: int | None) -> None:

@@ -27,10 +27,9 @@ from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .config import RunPlan, plan_run
 from .models import adapters_disabled, load_model
-from .rollout import Trajectory, denoising_errors, generator_noise, policy_step, run_chain
+from .rollout import Trajectory, denoising_errors, generator_noise, kl_to_base, policy_step, run_chain
 from .runtime import WEIGHT_DTYPES, derive_seed, precision_rows, quiet_libraries, resolve_precision, set_threads
 from .samplers import build_sampler
-from .samplers.gaussian import gaussian_kl
 
 console = Console(stderr=True)
 POLICY_TENSORS = {"log_prob", "mean", "std", "output"}
@@ -49,15 +48,6 @@ class EpochSamples:
     info: dict = field(default_factory=dict)
 
 
-def merge_info(infos: list[dict]) -> dict[str, list]:
-    """Per-batch reward info dicts -> one dict of per-image lists (tensors become plain lists)."""
-    merged: dict[str, list] = {}
-    for info in infos:
-        for key, values in info.items():
-            merged.setdefault(key, []).extend(values.tolist() if torch.is_tensor(values) else list(values))
-    return merged
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, plan: RunPlan | None = None) -> None:
         self.cfg, self.run_dir, self.plan = cfg, Path(run_dir), plan
@@ -73,7 +63,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=on_cpu, project_dir=str(self.run_dir),
                                        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
-        self.device, rank = self.accelerator.device, self.accelerator.process_index
+        self.device = self.accelerator.device
         if self.device.type == "cuda" and cfg.model.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -179,9 +169,9 @@ class Trainer:
         wait_start = time.perf_counter()
         results = [f.result() if isinstance(f, Future) else f for f in futures]
         reward_seconds = time.perf_counter() - wait_start
-        samples = EpochSamples(Trajectory.cat(trajectories), prompts, metadata,
-                               torch.cat([r for r, _ in results]).to(self.device),
-                               torch.cat(images_kept)[: cfg.log.grid_images], merge_info([i for _, i in results]))
+        rewards, info = torch.cat([r for r, _ in results]).to(self.device), report.merge_info([i for _, i in results])
+        samples = EpochSamples(Trajectory.cat(trajectories), prompts, metadata, rewards,
+                               torch.cat(images_kept)[: cfg.log.grid_images], info)
         return samples, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds}
 
     def draw_prompts(self, rng: random.Random, n: int, group: int = 1) -> tuple[list[str], list[dict]]:
@@ -309,23 +299,15 @@ class Trainer:
         reduced = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.device), "mean")
         return dict(zip(keys, reduced.tolist()))
 
-    @torch.no_grad()
-    def kl_to_base(self, samples: EpochSamples, max_samples: int = 2, max_steps: int = 3) -> float | None:
-        """Mean KL(policy step || base step) on a few stored (sample, step) pairs: an over-optimization signal.
-
-        None for full fine-tuning (there is no base model without a second copy)."""
+    def kl_to_base(self, samples: EpochSamples) -> float | None:
+        """Mean KL(policy step || base step) on a few stored pairs: an over-optimisation signal (None for full
+        fine-tuning: there is no base model without a second copy)."""
         if not self.cfg.model.use_lora:
             return None
-        traj, denoiser = samples.trajectory, self.accelerator.unwrap_model(self.denoiser)
-        n, t = traj.log_probs.shape
-        rows = torch.arange(min(n, max_samples)).repeat_interleave(min(t, max_steps))
-        cols = torch.linspace(0, t - 1, min(t, max_steps)).round().long().repeat(min(n, max_samples))
-        cond = self.model.encode([samples.prompts[i] for i in rows.tolist()])
+        guidance = self.cfg.sampler.guidance_scale if self.cfg.train.cfg else 1.0
         with self.accelerator.autocast():
-            policy = self.policy_step(denoiser, traj, cond, rows, cols)
-            with adapters_disabled(denoiser):
-                base = self.policy_step(denoiser, traj, cond, rows, cols)
-        kl = gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()
+            kl = kl_to_base(self.model, self.sampler, self.accelerator.unwrap_model(self.denoiser),
+                            samples.trajectory, samples.prompts, guidance)
         return float(self.accelerator.reduce(kl, "mean"))
 
     def backprop_epoch(self, epoch: int) -> tuple[EpochSamples, dict, dict]:
@@ -363,7 +345,7 @@ class Trainer:
             if sum(len(i) for i in images_kept) < cfg.log.grid_images:
                 images_kept.append(images.detach().cpu())
         samples = EpochSamples(None, prompts, metadata, torch.cat(rewards),
-                               torch.cat(images_kept)[: cfg.log.grid_images], merge_info(infos))
+                               torch.cat(images_kept)[: cfg.log.grid_images], report.merge_info(infos))
         timings = {"sample_seconds": 0.0, "reward_seconds": 0.0, "train_seconds": time.perf_counter() - start}
         return samples, self.mean_over_processes(totals), timings
 

@@ -3,9 +3,10 @@
 
 Both estimate the gradient of E[reward] with respect to the LoRA parameters: the score-function estimator
 (DDPO-SF, the trainer's own ``pair_loss``) from sampled trajectories and their log-probs, the pathwise estimator by
-backpropagating the reward through the whole sampling chain (``run_chain`` with every step's gradient kept). In expectation they are the same
-vector, so the cosine between the summed score-function batches and the pathwise gradient must be positive and grow
-with the number of samples; independent score-function batches show how noisy one batch is.
+backpropagating the reward through the whole sampling chain (``run_chain`` keeping every step's gradient). In
+expectation they are the same vector, so the cosine between the summed score-function batches and the pathwise
+gradient must be positive and grow with the number of samples; independent score-function batches show how noisy
+one batch is.
 
     python scripts/gradient_check.py                          # tiny_shapes, brightness, 6 steps, 8 x 64 samples
     python scripts/gradient_check.py --batches 16 -- train.timestep_window=[0,0.5]

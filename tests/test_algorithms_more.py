@@ -112,7 +112,8 @@ def lora_and_frozen_grads(trainer):
     unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     lora = [p.grad for n, p in unet.named_parameters() if "lora" in n]
     frozen = [p.grad for n, p in unet.named_parameters() if "lora" not in n]
-    frozen += [p.grad for p in trainer.model.vae.parameters()] + [p.grad for p in trainer.model.pipe.text_encoder.parameters()]
+    frozen += [p.grad for p in trainer.model.vae.parameters()]
+    frozen += [p.grad for p in trainer.model.pipe.text_encoder.parameters()]
     return lora, frozen
 
 

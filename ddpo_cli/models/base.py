@@ -170,9 +170,10 @@ class ModelFamily:
     def save_lora(self, denoiser, folder: Path) -> None:
         """``folder/pytorch_lora_weights.safetensors`` as the family's pipeline writes it (and reads it back)."""
         name = self.denoiser_name
-        self.pipeline_class.save_lora_weights(
-            folder, safe_serialization=True, **{f"{name}_lora_layers": self.lora_state_dict(denoiser),
-                                                f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()})
+        metadata = denoiser.peft_config["default"].to_dict()
+        self.pipeline_class.save_lora_weights(folder, safe_serialization=True,
+                                              **{f"{name}_lora_layers": self.lora_state_dict(denoiser),
+                                                 f"{name}_lora_adapter_metadata": metadata})
 
     def load_lora(self, denoiser, folder: Path) -> None:
         """Load a LoRA file into a denoiser that already has the matching adapter."""
