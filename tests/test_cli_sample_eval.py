@@ -285,3 +285,18 @@ def test_statistics_and_overoptimization_flags():
     assert [(f["from"], f["to"]) for f in flags] == [("base", "e2"), ("e1", "e2")]
     assert best_model([base, good, hacked], "g")["model"] == "e1"
     assert overoptimization([base, hacked], "t", None, 1.0) == []
+
+
+def test_eval_finds_a_reward_option_in_the_users_config_folder(run, tmp_path):
+    # `ddpo eval -cd DIR rewards.gold=<option>` looks the option up like `reward=<option>`: DIR/reward/ counts too
+    conf = tmp_path / "my_conf" / "reward"
+    conf.mkdir(parents=True)
+    (conf / "my_size.yaml").write_text("# JPEG size at quality 90\n_target_: ddpo_cli.rewards.jpeg.JpegIncompressibility"
+                                       "\nquality: 90\n")
+    out = tmp_path / "eval"
+    ok(run_cli("eval", "-cd", str(tmp_path / "my_conf"), f"run={run}", "rewards.gold=my_size", *SMALL,
+               f"hydra.run.dir={out}"))
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["gold_reward"] == "gold" and summary["models"][0]["rewards"]["gold"]["mean"] > 0
+    without = run_cli("eval", f"run={run}", "rewards.gold=my_size", *SMALL, f"hydra.run.dir={tmp_path / 'no'}")
+    assert without.returncode == 2 and "unknown reward 'my_size'" in without.stderr
