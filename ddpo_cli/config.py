@@ -299,6 +299,7 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.log.tracker == "wandb":
         _require(importlib.util.find_spec("wandb") is not None,
                  "log.tracker=wandb needs the wandb package: pip install wandb (or use log.tracker=tensorboard)")
+    _require(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last}: use >= 1, or null to keep all")
     check_model(cfg.model)

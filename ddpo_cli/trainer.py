@@ -28,7 +28,8 @@ from .advantages import PerPromptStatTracker, compute_advantages
 from .config import RunPlan, plan_run
 from .models import adapters_disabled, load_model
 from .rollout import Trajectory, denoising_errors, generator_noise, kl_to_base, policy_step, run_chain
-from .runtime import WEIGHT_DTYPES, derive_seed, precision_rows, quiet_libraries, resolve_precision, set_threads
+from .runtime import (WEIGHT_DTYPES, derive_seed, pick_device, precision_rows, quiet_libraries, resolve_precision,
+                      set_tf32, set_threads)
 from .samplers import build_sampler
 
 console = Console(stderr=True)
@@ -59,14 +60,13 @@ class Trainer:
         plan = self.plan or plan_run(cfg)
         set_threads(cfg.threads)
         quiet_libraries()
-        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        self.precision = resolve_precision(cfg.train.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=on_cpu, project_dir=str(self.run_dir),
+        device = pick_device(cfg.device)  # accelerate picks the GPU of each process
+        self.precision = resolve_precision(cfg.train.mixed_precision, device)
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
+                                       project_dir=str(self.run_dir),
                                        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
         self.device = self.accelerator.device
-        if self.device.type == "cuda" and cfg.model.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        set_tf32(self.device, cfg.model.allow_tf32)
         self.counts = plan.counts.for_processes(self.accelerator.num_processes)
         self.algo, self.prompt_set, self.reward_fn = plan.algorithm, plan.prompts, plan.reward
         self.reward_fn.setup(self.device, torch.float32)

@@ -150,3 +150,30 @@ def test_sdxl_conditioning_matches_diffusers_encode_prompt(cache_dir):
     torch.testing.assert_close(model.negative.embeds.expand_as(negative), negative)  # zeros (force_zeros)
     torch.testing.assert_close(model.negative.pooled.expand_as(negative_pooled), negative_pooled)
     assert cond.ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
+
+
+def test_decode_undoes_the_vaes_scaling_and_shift():
+    from types import SimpleNamespace
+
+    from ddpo_cli.models import ModelFamily
+
+    class IdentityVAE:  # decode(z) = z, so the image shows what the VAE was given
+        dtype = torch.float32
+
+        def __init__(self, **config):
+            self.config = SimpleNamespace(**{"scaling_factor": 2.0, "shift_factor": None, "latents_mean": None,
+                                             "latents_std": None, **config})
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    model = ModelFamily.__new__(ModelFamily)
+    z = torch.tensor([-1.0, 0.0, 0.8]).reshape(1, 3, 1, 1)
+    # VAE input z / 2 (+ shift), image = input / 2 + 0.5 clamped to [0, 1]
+    model.pipe = SimpleNamespace(vae=IdentityVAE())                          # SD: no shift
+    assert model.decode(z).flatten().tolist() == pytest.approx([0.25, 0.5, 0.7])
+    model.pipe = SimpleNamespace(vae=IdentityVAE(shift_factor=0.5))          # SD3 / FLUX: + shift_factor
+    assert model.decode(z).flatten().tolist() == pytest.approx([0.5, 0.75, 0.95])
+    model.pipe = SimpleNamespace(vae=IdentityVAE(latents_mean=[0.0, 1.0, 0.0], latents_std=[1.0, 1.0, 0.5]))
+    # per-channel statistics: z * std / 2 + mean -> [-0.5, 1.0, 0.2] -> images [0.25, 1.0, 0.6]
+    assert model.decode(z).flatten().tolist() == pytest.approx([0.25, 1.0, 0.6])
