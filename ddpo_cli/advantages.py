@@ -66,9 +66,21 @@ class PerPromptStatTracker:
 
 def compute_advantages(mode: str, rewards: np.ndarray, prompts: list[str], tracker: PerPromptStatTracker | None,
                        group_size: int = 1) -> np.ndarray:
-    """Dispatch on ``advantage.mode``: per_prompt | batch | group."""
-    if mode == "per_prompt":
-        return tracker.update(prompts, rewards)
+    """Dispatch on ``advantage.mode``: per_prompt | batch | group.
+
+    Non-finite rewards (samples dropped by ``train.nonfinite_rewards=drop``) get advantage 0 and take no part in any
+    statistic: not in the batch's or the group's mean and std, and never in the per-prompt buffers."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    valid = np.isfinite(rewards)
     if mode == "group":
-        return group_advantages(rewards, group_size)
-    return batch_advantages(rewards)
+        groups, valid_groups = rewards.reshape(-1, group_size), valid.reshape(-1, group_size)
+        out = np.zeros_like(groups)
+        for g, (row, ok) in enumerate(zip(groups, valid_groups)):
+            if ok.any():
+                out[g, ok] = group_advantages(row[ok], int(ok.sum()))
+        return out.reshape(-1)
+    out = np.zeros_like(rewards)
+    if valid.any():
+        kept = [p for p, ok in zip(prompts, valid) if ok]
+        out[valid] = tracker.update(kept, rewards[valid]) if mode == "per_prompt" else batch_advantages(rewards[valid])
+    return out

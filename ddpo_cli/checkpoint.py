@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .models import ModelFamily
 from .runs import STATE_FILE, checkpoint_dir, list_checkpoints
 
@@ -31,9 +32,14 @@ def save(accelerator, model: ModelFamily, denoiser, optimizer, state: dict, run_
     if accelerator.is_main_process:
         staging = final.parent / f".{final.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        write_weights(model, accelerator.unwrap_model(denoiser), staging, use_lora)
-        torch.save({**state, "epoch": epoch, "optimizer": optimizer_state}, staging / STATE_FILE)
+        try:
+            staging.mkdir(parents=True)
+            write_weights(model, accelerator.unwrap_model(denoiser), staging, use_lora)
+            torch.save({**state, "epoch": epoch, "optimizer": optimizer_state}, staging / STATE_FILE)
+        except OSError as exc:  # a full disk or a folder made read-only: the earlier checkpoints stay as they were
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"cannot write checkpoint {final} ({exc.strerror or exc}): free some space, then resume "
+                            f"with resume={run_dir} (the earlier checkpoints are intact)") from None
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
@@ -51,12 +57,51 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
 
 
 def load_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The resume state of a checkpoint (tensors and plain data only: ``weights_only``). UserError if unreadable."""
+    try:
+        state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, garbage, or not a torch file at all
+        raise UserError(f"{Path(checkpoint) / STATE_FILE} is unreadable ({_brief(exc)})") from None
+    missing = {"epoch", "global_step", "optimizer", "stat_tracker"} - set(state if isinstance(state, dict) else {})
+    if missing:
+        raise UserError(f"{Path(checkpoint) / STATE_FILE} lacks {', '.join(sorted(missing))}: not a ddpo-cli "
+                        f"checkpoint")
+    return state
 
 
 def load_weights(model: ModelFamily, denoiser, checkpoint: Path, use_lora: bool) -> None:
-    """Load a checkpoint's weights into a denoiser that already has the matching LoRA adapter (or full weights)."""
+    """Load a checkpoint's weights into a denoiser that already has the matching LoRA adapter (or full weights).
+    UserError if they are unreadable, do not fit this model, or hold NaN / inf."""
     if use_lora:
         model.load_lora(denoiser, checkpoint)
     else:
         model.load_full(denoiser, checkpoint)
+    trainable = [p for p in denoiser.parameters() if p.requires_grad] or list(denoiser.parameters())
+    if not all(bool(torch.isfinite(p).all()) for p in trainable):
+        raise UserError(f"{checkpoint} holds NaN/inf weights: use an earlier checkpoint")
+
+
+def resume(model: ModelFamily, denoiser, optimizer, requested: Path, use_lora: bool) -> tuple[Path, dict, list[str]]:
+    """Load the newest readable checkpoint of ``requested`` (a run folder; or exactly the checkpoint folder given)
+    into ``denoiser`` and ``optimizer``. Returns its path, its state and one line per newer checkpoint skipped as
+    unreadable. UserError if none can be loaded."""
+    requested = Path(requested)
+    candidates = [requested] if (requested / STATE_FILE).exists() else list_checkpoints(requested)[::-1]
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_state(path)
+            load_weights(model, denoiser, path, use_lora)
+            optimizer.load_state_dict(state["optimizer"])
+        except (UserError, ValueError, KeyError, RuntimeError) as exc:
+            skipped.append(f"{path.name}: {_brief(exc)}")
+            continue
+        return path, state, skipped
+    raise UserError(f"cannot resume from {requested}: {skipped[0] if skipped else 'no checkpoint'}; resume with the "
+                    f"model and model.lora settings of the run that wrote it")
+
+
+def _brief(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

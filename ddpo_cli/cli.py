@@ -6,6 +6,8 @@ and validated, so a typo fails in one line with exit code 2 before any directory
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,12 +25,12 @@ from rich.table import Table
 
 from .config import compose, conf_dir, config_error_line, plan_run
 from .errors import UserError
-from .runs import run_dir_of
+from .runs import fresh_folder, holds_a_run, lock_run, run_dir_of
 from .sample_config import prepare_args, validate_eval, validate_sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="RL fine-tuning of text-to-image diffusion models (DDPO, RWR, DPOK, AlignProp).")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--config-path", "-cp",
                           "--config-name", "-cn", "--info", "-i", "--experimental-rerun"}
@@ -90,18 +92,55 @@ def checked_result(checked: list[tuple[dict, object]], cfg):
     return next((result for job, result in checked if job == container), None)
 
 
-def resume_overrides(overrides: list[str], resume: Path | None) -> list[str]:
-    """``resume=<run or checkpoint>`` writes into that run: add ``hydra.run.dir`` unless the user set it, and keep
-    the run's original ``.hydra/`` record by writing this session's resolved config to ``.hydra/resume_<time>/``."""
-    if resume is None or any(o.startswith("hydra.run.dir=") for o in overrides):
-        return overrides
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return [*overrides, f"hydra.run.dir={run_dir_of(resume).resolve()}", f"hydra.output_subdir=.hydra/resume_{stamp}"]
+def resume_overrides(overrides: list[str], resume: Path) -> list[str]:
+    """``resume=<run or checkpoint>`` writes into that run (unless ``hydra.run.dir`` says otherwise) and keeps the
+    run's original ``.hydra/`` record: this session's resolved config goes to ``.hydra/resume_<time>/``."""
+    extra = [f"hydra.output_subdir=.hydra/resume_{time.strftime('%Y%m%d-%H%M%S')}"]
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        extra.append(f"hydra.run.dir={quoted(run_dir_of(resume).resolve())}")
+    return [*overrides, *extra]
 
 
-def run_hydra(config_name: str, args: list[str], task, validate) -> None:
+def quoted(path: Path) -> str:
+    """A path as a Hydra override value (quoted when it holds characters the override grammar reads)."""
+    text = str(path)
+    return f"'{text}'" if any(c in text for c in "=,'\" []{}()") else text
+
+
+def claim_train_folder(overrides: list[str], multirun: bool, plan, config_dir: Path | None) -> list[str]:
+    """Where a training run (or sweep) writes, settled before Hydra writes anything: a run folder that already
+    holds a run is refused unless resumed; the default folder is new for every process (``_2``, ``_3`` when two
+    start in the same second); and the folder is locked for this process's lifetime. Returns the overrides with
+    the folder set explicitly."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    explicit = next((o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith(key + "=")), None)
+    resume = None if multirun else plan.resume
+    processes, first_process = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    if explicit is not None:
+        folder = Path(explicit).expanduser().resolve()
+        own_run = resume is not None and folder == run_dir_of(resume).resolve()
+        if first_process and not own_run and holds_a_run(folder):
+            raise UserError(f"{key}={explicit} already holds a run: continue it with resume={explicit}, or choose "
+                            f"an empty or new folder")
+        overrides = resume_overrides(overrides, resume) if resume is not None else overrides
+    elif resume is not None:
+        folder = run_dir_of(resume).resolve()
+        overrides = resume_overrides(overrides, resume)
+    elif processes > 1:
+        raise UserError(f"{processes} processes must write one run: give them the same hydra.run.dir=<folder>")
+    else:
+        default = OmegaConf.select(compose("train", overrides, config_dir, return_hydra_config=True), key)
+        folder = fresh_folder(Path(default).expanduser().resolve())
+        overrides = [*overrides, f"{key}={quoted(folder)}"]
+    if first_process:
+        lock_run(folder)
+    return overrides
+
+
+def run_hydra(config_name: str, args: list[str], task, validate, claim=None) -> None:
     """Hand ``args`` to ``hydra.main`` as if they were on its own command line. ``validate(cfg, config_dir)`` runs
-    on every job first (exit 2 on a UserError); ``task(cfg, checked)`` gets what it returned for that job."""
+    on every job first (exit 2 on a UserError); ``task(cfg, checked)`` gets what it returned for that job;
+    ``claim(overrides, multirun, checked, config_dir)`` may settle the output folder first."""
     flags, overrides, multirun = split_args(args)
     config_dir = None
     for i, flag in enumerate(flags):
@@ -112,8 +151,8 @@ def run_hydra(config_name: str, args: list[str], task, validate) -> None:
     try:
         if not info_only:
             checked = preflight(config_name, overrides, multirun, config_dir, validate)
-            if not multirun:
-                overrides = resume_overrides(overrides, getattr(checked[0][1], "resume", None))
+            if claim is not None:
+                overrides = claim(overrides, multirun, checked[0][1], config_dir)
     except UserError as exc:
         fail(str(exc))
     sys.argv = [f"ddpo {config_name}", *flags, *overrides]
@@ -131,10 +170,19 @@ def train_task(cfg, plan) -> None:
     one for exactly this config."""
     from .trainer import Trainer  # torch and diffusers load only when a job runs, not for `ddpo ls` or `--help`
 
-    trainer = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir), plan)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    trainer = Trainer(cfg, run_dir, plan)
     try:
         trainer.setup()
         trainer.train()
+    except KeyboardInterrupt:
+        # leave at once: a reward call in flight (a VLM server may take minutes) is abandoned, not awaited
+        trainer.cleanup(wait=False)
+        print_error(f"interrupted; the checkpoints written so far are in {run_dir / 'checkpoints'}: continue with "
+                    f"ddpo train resume={run_dir}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         trainer.cleanup()
 
@@ -142,7 +190,7 @@ def train_task(cfg, plan) -> None:
 @app.command(**HYDRA_ARGS)
 def train(ctx: typer.Context) -> None:
     """Fine-tune with RL. Arguments are Hydra overrides: `ddpo train reward=aesthetic algo=ddpo_is train.lr=1e-4`."""
-    run_hydra("train", list(ctx.args), train_task, validate_train)
+    run_hydra("train", list(ctx.args), train_task, validate_train, claim_train_folder)
 
 
 @app.command("ls")
@@ -170,12 +218,19 @@ def first_comment(path: Path) -> str:
 
 
 def guarded(task):
-    """A Hydra task that turns a UserError into one line on stderr and exit code 2."""
+    """A Hydra task that turns a UserError, or a file that cannot be written (full disk, read-only folder), into one
+    line on stderr and exit code 2."""
     def run(cfg) -> None:
         try:
             task(cfg)
         except UserError as exc:
             print_error(str(exc))
+            sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+                raise
+            print_error(f"cannot write {exc.filename or 'a file'} ({exc.strerror}): free some space or choose a "
+                        f"writable folder; what was written before is intact")
             sys.exit(2)
 
     return run

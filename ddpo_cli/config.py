@@ -13,6 +13,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, replace
@@ -99,6 +102,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16   (auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 also
     # on CPUs with bf16 units)
+    nonfinite_rewards: str = "stop"  # stop: a NaN/inf reward ends the run with one line naming it; drop: train
+    # without those samples (their advantage / weight is 0; counted as nonfinite_rewards in metrics.jsonl)
 
 
 @dataclass
@@ -159,9 +164,11 @@ def conf_dir() -> Path:
     return Path(str(resources.files("ddpo_cli.conf")))
 
 
-def compose(config_name: str, overrides: list[str], config_dir: Path | None = None) -> DictConfig:
+def compose(config_name: str, overrides: list[str], config_dir: Path | None = None,
+            return_hydra_config: bool = False) -> DictConfig:
     """Compose the config as Hydra would (no run directory); ``config_dir`` is a user's extra config folder
-    (``-cd``), searched after the built-in tree. Raises UserError with a one-line reason."""
+    (``-cd``), searched after the built-in tree; ``return_hydra_config`` adds the ``hydra`` section (run folders).
+    Raises UserError with a one-line reason."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -172,7 +179,8 @@ def compose(config_name: str, overrides: list[str], config_dir: Path | None = No
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=overrides,
+                                 return_hydra_config=return_hydra_config)
     except UserError:
         raise
     except Exception as exc:  # Hydra and OmegaConf errors: keep the most specific line
@@ -265,11 +273,30 @@ class RunPlan:
     reward: Any
     prompts: Any
     resume: Optional[Path]
+    warnings: list[str] = field(default_factory=list)  # settings that run but deserve a word at start-up
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def nonfinite_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN / inf number in a config (pluggable ``_target_`` nodes included)."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in nonfinite_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, value in enumerate(node) for k in nonfinite_keys(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(node, float) and not math.isfinite(node) else []
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.=,+-]+")
+
+
+def check_name(value: str, key: str) -> None:
+    """A name that becomes part of a path: no folder separators, not '.' or '..'."""
+    _require(bool(SAFE_NAME.fullmatch(value)) and value not in (".", ".."),
+             f"{key}={value!r}: use letters, digits and _ . = , + - only (it names a folder)")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -280,7 +307,24 @@ def check_values(cfg: DictConfig) -> None:
     from .samplers import check_sampler_name
 
     s, t, a = cfg.sampler, cfg.train, cfg.advantage
+    for key in nonfinite_keys(OmegaConf.to_container(cfg, resolve=True))[:1]:
+        raise UserError(f"{key}={OmegaConf.select(cfg, key)}: must be a finite number")
     _require(s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1")
+    _require(0 <= s.eta <= 1, f"sampler.eta={s.eta}: DDIM's eta is in [0, 1] (1 = DDPM-like noise, 0 = deterministic)")
+    _require(s.guidance_scale >= 0, f"sampler.guidance_scale={s.guidance_scale}: use >= 0 (1 = no guidance; "
+                                    f"negative values push away from the prompt)")
+    _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm}: use > 0 (a negative norm flips the "
+                                  f"gradient)")
+    _require(t.nonfinite_rewards in ("stop", "drop"),
+             f"train.nonfinite_rewards={t.nonfinite_rewards!r}: choose stop or drop")
+    _require(a.buffer_size >= 1 and a.min_count >= 0,
+             f"advantage.buffer_size={a.buffer_size}, advantage.min_count={a.min_count}: need buffer_size >= 1 and "
+             f"min_count >= 0")
+    _require(cfg.threads is None or cfg.threads >= 1, f"threads={cfg.threads}: use >= 1, or null for torch's default")
+    _require(cfg.log.grid_images >= 1, f"log.grid_images={cfg.log.grid_images}: use >= 1 (raise log.image_every to "
+                                       f"draw grids less often)")
+    check_name(str(cfg.run_name), "run_name")
+    check_name(str(cfg.log.project), "log.project")
     for key in ("sampler.batch_size", "sampler.num_batches_per_epoch", "train.batch_size",
                 "train.gradient_accumulation_steps", "train.num_epochs", "train.num_inner_epochs",
                 "train.timesteps_per_forward", "checkpoint.every", "log.reward_worker_threads"):
@@ -311,6 +355,13 @@ def check_model(model: DictConfig) -> None:
     _require(model.builder in (None, "tiny"), f"model.builder={model.builder!r}: only 'tiny' is built in")
     _require(model.builder is not None or bool(model.pretrained),
              "model.pretrained is empty: give a hub id or a local pipeline folder (or use model=tiny)")
+    _require(model.resolution is None or model.resolution > 0,
+             f"model.resolution={model.resolution}: use a positive number of pixels, or null for the native size")
+    lora = model.lora
+    _require(lora.rank >= 1, f"model.lora.rank={lora.rank}: use >= 1 (or model.use_lora=false)")
+    _require(lora.alpha > 0, f"model.lora.alpha={lora.alpha}: must be > 0")
+    _require(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
+    _require(len(lora.target_modules) > 0, "model.lora.target_modules is empty: name the layers to adapt")
 
 
 def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
@@ -334,7 +385,7 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
              f"{algorithm.name}")
     counts = derive_counts(cfg)
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
-    return RunPlan(counts, algorithm, reward, prompts, resume)
+    return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts))
 
 
 def validate(cfg: DictConfig) -> RunPlan:
@@ -345,12 +396,16 @@ def validate(cfg: DictConfig) -> RunPlan:
 def build(node: DictConfig, where: str):
     """Instantiate a ``_target_`` node; the target's own UserError (or ValueError/TypeError) becomes one line
     naming the group, not Hydra's wrapped traceback."""
+    hydra_log = logging.getLogger("hydra.utils")  # it logs a failed get_method besides raising it
+    hydra_log.disabled = True
     try:
         return instantiate(node, _convert_="all")
     except (InstantiationException, UserError, ValueError, TypeError) as exc:
         cause = exc.__cause__ or exc
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        message = " ".join(str(cause).split())[:300] or type(cause).__name__
         raise UserError(message if isinstance(cause, UserError) else f"{where}: {message}") from None
+    finally:
+        hydra_log.disabled = False
 
 
 # ----------------------------------------------------------------------------------------------- _target_ checks

@@ -31,7 +31,7 @@ from .sample import ImageSampler, ImageSpec, build_reward, plan_images, score
 from .sample_config import apply_run_defaults, extra_rewards, user_config_dir
 from .stats import fmt, mean_se, significant
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
 
 
 @dataclass

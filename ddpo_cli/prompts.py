@@ -41,6 +41,12 @@ class PromptSet:
         """``n`` pairs drawn uniformly with replacement using ``rng`` (deterministic given its state)."""
         return [self.items[rng.randrange(len(self.items))] for _ in range(n)]
 
+    def draw(self, n: int, rng: random.Random, group: int = 1) -> tuple[list[str], list[dict]]:
+        """A batch of ``n``: ``n / group`` prompts, each repeated ``group`` times (consecutive), and their metadata
+        (copies: a reward may annotate them)."""
+        pairs = [pair for pair in self.sample(n // group, rng) for _ in range(group)]
+        return [p for p, _ in pairs], [dict(m) for _, m in pairs]
+
 
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty stripped lines of ``path``; a bare name is looked up in the package assets."""
@@ -49,7 +55,13 @@ def read_lines(path: str | Path) -> list[str]:
         candidate = ASSETS / str(path)
     if not candidate.exists():
         raise UserError(f"prompt file '{path}' not found: give an existing path (one prompt per line)")
-    return [line.strip() for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = candidate.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file '{path}' is not UTF-8 text: save it as UTF-8 (one prompt per line)") from None
+    except OSError as exc:
+        raise UserError(f"prompt file '{path}' cannot be read ({exc.strerror})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def article(word: str) -> str:

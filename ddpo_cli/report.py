@@ -16,18 +16,33 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a line that is not a JSON object (cut short by a full disk or a kill) is
+    skipped, so the run stays resumable and readable."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+    return rows
 
 
-def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
-    """Keep only epochs < ``before_epoch`` (a resumed run rewrites what came after its checkpoint)."""
-    rows = [row for row in read_metrics(run_dir) if row["epoch"] < before_epoch]
+def truncate_metrics(run_dir: Path, before_epoch: int, keep_dropped_in: Path | None = None) -> None:
+    """Keep only epochs < ``before_epoch`` (a resumed run rewrites what came after its checkpoint); the dropped rows
+    go to ``keep_dropped_in/metrics.jsonl`` when given (resuming from an older checkpoint loses nothing)."""
     path = Path(run_dir) / METRICS_FILE
-    if path.exists():
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if not path.exists():
+        return
+    rows = read_metrics(run_dir)
+    dropped = [row for row in rows if row["epoch"] >= before_epoch]
+    if dropped and keep_dropped_in is not None:
+        (Path(keep_dropped_in) / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in dropped))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["epoch"] < before_epoch))
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
@@ -58,6 +73,12 @@ def image_grid(images: torch.Tensor, captions: list[str], columns: int | None = 
         for line_no, line in enumerate(_wrap(caption, side)[:2]):
             draw.text((x + 2, y + side + 1 + 11 * line_no), line, fill="black", font=font)
     return grid
+
+
+def epoch_grid(images: torch.Tensor, prompts: list[str], rewards: list[float]) -> Image.Image:
+    """An epoch's first images ``[n,3,H,W]`` captioned ``prompt | reward``."""
+    captions = [f"{shown_prompt(p)} | {r:.2f}" for p, r in zip(prompts[: len(images)], rewards[: len(images)])]
+    return image_grid(images, captions)
 
 
 def _wrap(text: str, width_px: int, char_px: int = 6) -> list[str]:

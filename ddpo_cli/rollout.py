@@ -8,7 +8,7 @@ autograd graph of chosen steps (reward backprop), and gradient-checkpoints the k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -34,6 +34,18 @@ class Trajectory:
     @staticmethod
     def cat(parts: list["Trajectory"]) -> "Trajectory":
         return Trajectory(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectory)))
+
+
+@dataclass
+class EpochSamples:
+    """Everything one epoch sampled and scored on one process (B = samples per process)."""
+
+    trajectory: Trajectory | None  # tensors [B, T, ...]; None for reward backprop
+    prompts: list[str]
+    metadata: list[dict]
+    rewards: torch.Tensor        # [B]
+    images: torch.Tensor         # [n, 3, H, W] the first few images (for the grid), CPU
+    info: dict = field(default_factory=dict)
 
 
 NoiseSource = Callable[[], torch.Tensor]  # the next standard normal draw [B, C, h, w] (fp32)

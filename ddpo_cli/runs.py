@@ -13,13 +13,20 @@ A multirun folder of ``ddpo train -m`` holds one run folder per job.
 """
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run folders are not locked
+    fcntl = None
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -111,6 +118,74 @@ def resolve_checkpoints(run: str, spec: Any) -> list[Path]:
     return paths
 
 
+# ----------------------------------------------------------------------------------------------- the run folder
+LOCK_FILE = ".ddpo.lock"
+_held_locks: dict[Path, Any] = {}  # run folder -> open lock file, for as long as this process writes it
+
+
+def lock_run(run_dir: Path) -> None:
+    """Hold ``run_dir`` for this process until it exits: a second process that tries gets a UserError instead of
+    interleaving its metrics and checkpoints with ours. Creates the folder; a no-op if this process holds it."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held_locks or fcntl is None:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write in the run folder '{run_dir}' ({exc.strerror}): choose a writable place with "
+                        f"hydra.run.dir=<folder>") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(f"run folder '{run_dir}' is in use by another ddpo process ({owner}): wait for it to "
+                        f"finish, or choose another folder with hydra.run.dir=<folder>") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _held_locks[run_dir] = handle
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` exists and holds anything but a lock file."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
+
+
+def fresh_folder(base: Path) -> Path:
+    """Create and return ``base``, or ``base_2``, ``base_3``, ... if it exists (atomic: two processes started in the
+    same second get two folders)."""
+    base = Path(base)
+    for k in range(1, 10_000):
+        candidate = base if k == 1 else base.with_name(f"{base.name}_{k}")
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder '{candidate}' ({exc.strerror}): choose a writable place "
+                            f"with hydra.run.dir=<folder>") from None
+    raise UserError(f"could not create a fresh run folder next to '{base}': give one with hydra.run.dir=<folder>")
+
+
+def supersede_after(run_dir: Path, epoch: int) -> Path | None:
+    """Resuming from epoch ``epoch`` when later checkpoints exist: move them into ``superseded/<time>/`` (nothing is
+    deleted) and return that folder, so that "latest" is the resumed run's own next checkpoint."""
+    later = [p for p in list_checkpoints(run_dir) if epoch_of(p) > epoch]
+    if not later:
+        return None
+    target = fresh_folder(Path(run_dir) / "superseded" / time.strftime("%Y%m%d-%H%M%S"))
+    for path in later:
+        path.rename(target / path.name)
+    return target
+
+
 # ----------------------------------------------------------------------------------------------- run config
 def load_run_config(run: str | Path) -> DictConfig:
     """The resolved training config of a run directory (its ``.hydra/config.yaml``)."""
@@ -119,7 +194,14 @@ def load_run_config(run: str | Path) -> DictConfig:
         raise UserError(f"run directory '{run}' does not exist: give a folder written by `ddpo train`")
     if not (path / RUN_CONFIG).exists():
         raise UserError(f"'{run}' is not a run directory (no {RUN_CONFIG}): give a folder written by `ddpo train`")
-    return OmegaConf.load(path / RUN_CONFIG)
+    try:
+        config = OmegaConf.load(path / RUN_CONFIG)
+    except Exception as exc:  # YAML syntax, duplicate keys, not text
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(f"{path / RUN_CONFIG} is not a readable config ({reason})") from None
+    if not isinstance(config, DictConfig):
+        raise UserError(f"{path / RUN_CONFIG} is not a run config (a YAML mapping)")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- sweeps

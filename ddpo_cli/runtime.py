@@ -6,6 +6,7 @@ denoiser base weights) are stored in the compute dtype; LoRA parameters and the 
 from __future__ import annotations
 
 import hashlib
+import random
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,6 +22,14 @@ DEVICES = ("auto", "cpu", "cuda")
 def derive_seed(*keys) -> int:
     """A stable 63-bit seed from any keys (same on every machine and Python run)."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+def epoch_randomness(seed: int, epoch: int, rank: int, device) -> tuple[random.Random, torch.Generator]:
+    """A process's prompt RNG and noise generator for ``epoch``: a function of (seed, epoch, rank) only, so a resumed
+    run draws what the uninterrupted run drew."""
+    rng = random.Random(derive_seed(seed, epoch, rank, "prompts"))
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, epoch, rank, "noise"))
+    return rng, generator
 
 
 def pick_device(name: str) -> torch.device:

@@ -29,7 +29,7 @@ from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_li
 from .sample_config import apply_run_defaults
 from .samplers import build_sampler
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
 
 
 # ----------------------------------------------------------------------------------------------- what to draw

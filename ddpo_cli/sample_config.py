@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .config import ModelConfig, SamplerConfig, check_model, check_target, group_option
+from .config import ModelConfig, SamplerConfig, check_model, check_target, group_option, nonfinite_keys
 from .errors import UserError
 from .runs import RUN_CONFIG, load_run_config, resolve_checkpoint, resolve_checkpoints, sweep_job_dirs
 
@@ -38,6 +38,7 @@ class GenerateConfig:
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto | no | fp16 | bf16 (auto: fp32 on CPU)
     threads: Optional[int] = None     # torch CPU threads; None = torch default
+    trust_run: bool = False           # let the run's config name code outside ddpo_cli (its own rewards, prompts)
 
 
 @dataclass
@@ -103,6 +104,42 @@ def override_keys(overrides: list[str]) -> list[str]:
     return [o.key_or_group for o in parsed]
 
 
+RUN_SECTIONS = ("model", "sampler", "prompts", "reward")  # what sample / eval take from a run's config
+
+
+def foreign_code(node: Any, where: str) -> list[str]:
+    """``key=value`` of every place in a config that would import code from outside ``ddpo_cli``: a ``_target_``,
+    the ``path`` of ``hydra.utils.get_method`` (custom rewards) or a model family given as a dotted path."""
+    if isinstance(node, dict):
+        found = []
+        target = str(node.get("_target_", "ddpo_cli."))
+        if not target.startswith("ddpo_cli."):
+            found.append(f"{where}._target_={target}")
+        if target in ("hydra.utils.get_method", "hydra.utils.get_class") and \
+                not str(node.get("path", "")).startswith("ddpo_cli."):
+            found.append(f"{where}.path={node.get('path')}")
+        if where == "model" and "." in str(node.get("family", "")):
+            found.append(f"model.family={node['family']}")
+        return found + [f for key, value in node.items() for f in foreign_code(value, f"{where}.{key}")]
+    if isinstance(node, list):
+        return [f for i, value in enumerate(node) for f in foreign_code(value, f"{where}.{i}")]
+    return []
+
+
+def check_trusted(run_cfg: DictConfig, run: str, trust: bool) -> None:
+    """Opening a run folder must be as safe as loading its weights: the parts of its config that sample / eval use
+    may only name ddpo_cli's own code, unless the user vouches for the folder with ``trust_run=true``."""
+    if trust:
+        return
+    for section in RUN_SECTIONS:
+        found = foreign_code(OmegaConf.to_container(run_cfg[section], resolve=False), section) \
+            if OmegaConf.select(run_cfg, section) is not None else []
+        if found:
+            raise UserError(f"the config of {run} names code from outside ddpo_cli ({found[0]}); a run folder from "
+                            f"someone else could run anything this way: add trust_run=true only if you trust it, or "
+                            f"choose {section}=<option> yourself")
+
+
 def apply_run_defaults(cfg: DictConfig, overrides: list[str], sections: tuple[str, ...]) -> DictConfig:
     """Replace each section the user did not choose (``model=...``) by the run's, keeping dotted overrides
     (``sampler.num_steps=8``) on top. Returns a new config; ``cfg`` is unchanged."""
@@ -110,6 +147,7 @@ def apply_run_defaults(cfg: DictConfig, overrides: list[str], sections: tuple[st
     if not cfg.run:
         return cfg
     run_cfg = load_run_config(cfg.run)
+    check_trusted(run_cfg, cfg.run, cfg.trust_run)
     keys = override_keys(overrides)
     for section in sections:
         if section in keys or OmegaConf.select(run_cfg, section) is None:
@@ -155,17 +193,19 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate_common(cfg: DictConfig) -> None:
+    for key in nonfinite_keys(OmegaConf.to_container(cfg, resolve=True))[:1]:
+        raise UserError(f"{key}={OmegaConf.select(cfg, key)}: must be a finite number")
     _require(cfg.n >= 1, f"n={cfg.n}: give at least one image per prompt")
     _require(cfg.num_prompts is None or cfg.num_prompts >= 1, f"num_prompts={cfg.num_prompts}: use >= 1 or null")
     _require(cfg.lora_scale >= 0, f"lora_scale={cfg.lora_scale}: use 0 (base) .. 1 (as trained)")
-    _require(cfg.sampler.eta >= 0, f"sampler.eta={cfg.sampler.eta}: use 0 (deterministic) or more")
+    _require(0 <= cfg.sampler.eta <= 1, f"sampler.eta={cfg.sampler.eta}: use 0 (deterministic) .. 1")
     _require(cfg.sampler.num_steps >= 1, f"sampler.num_steps={cfg.sampler.num_steps}: use at least 1")
     _require(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: use at least 1")
     _require(cfg.precision in ("auto", "no", "fp16", "bf16"), f"precision={cfg.precision!r}: auto, no, fp16 or bf16")
     _require(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
     check_model(cfg.model)
     if cfg.run:
-        load_run_config(cfg.run)
+        check_trusted(load_run_config(cfg.run), cfg.run, cfg.trust_run)
     check_target(cfg.prompts, "prompts")
     if cfg.reward is not None:
         check_target(cfg.reward, "reward")

@@ -12,7 +12,6 @@ import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +21,22 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .config import RunPlan, plan_run
-from .models import adapters_disabled, load_model
-from .rollout import Trajectory, denoising_errors, generator_noise, kl_to_base, policy_step, run_chain
-from .runtime import (WEIGHT_DTYPES, derive_seed, pick_device, precision_rows, quiet_libraries, resolve_precision,
-                      set_tf32, set_threads)
+from .guards import check_gradient, check_rewards, check_weights
+from .models import adapters_disabled, load_model, resolve_model_path
+from .runs import lock_run, supersede_after
+from .rollout import EpochSamples, Trajectory, denoising_errors, generator_noise, kl_to_base, policy_step, run_chain
+from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
+                      resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
 POLICY_TENSORS = {"log_prob", "mean", "std", "output"}
 BASE_TENSORS = {"base_mean", "base_output"}
-
-
-@dataclass
-class EpochSamples:
-    """Everything one epoch sampled on this process (B = samples per process)."""
-
-    trajectory: Trajectory | None  # tensors [B, T, ...]; None for reward backprop
-    prompts: list[str]
-    metadata: list[dict]
-    rewards: torch.Tensor        # [B]
-    images: torch.Tensor         # [n, 3, H, W] the first few images (for the grid), CPU
-    info: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -60,12 +50,15 @@ class Trainer:
         plan = self.plan or plan_run(cfg)
         set_threads(cfg.threads)
         quiet_libraries()
+        resolve_model_path(cfg.model)  # a tiny model is built and saved before any process group exists
         device = pick_device(cfg.device)  # accelerate picks the GPU of each process
         self.precision = resolve_precision(cfg.train.mixed_precision, device)
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
                                        project_dir=str(self.run_dir),
                                        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
         self.device = self.accelerator.device
+        if self.accelerator.is_main_process:
+            lock_run(self.run_dir)  # one writer per run folder
         set_tf32(self.device, cfg.model.allow_tf32)
         self.counts = plan.counts.for_processes(self.accelerator.num_processes)
         self.algo, self.prompt_set, self.reward_fn = plan.algorithm, plan.prompts, plan.reward
@@ -82,16 +75,18 @@ class Trainer:
         # time that thread runs a torch op) slows every later op of the main thread ~1.7x on a 2-core CPU.
         self.executor = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads,
                                            initargs=(cfg.log.reward_worker_threads,))
-        self.start_epoch, self.global_step = 0, 0
+        self.start_epoch, self.global_step, superseded = 0, 0, None
         if plan.resume:
-            self._resume(plan.resume)
+            superseded = self._resume(Path(cfg.resume).expanduser())
         if self.accelerator.is_main_process:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
-            report.truncate_metrics(self.run_dir, self.start_epoch)
+            report.truncate_metrics(self.run_dir, self.start_epoch, superseded)
         if cfg.log.tracker != "none":
             self.accelerator.init_trackers(cfg.log.project, config=report.flat_config(cfg))
         if self.accelerator.is_main_process:
             console.print(report.startup_table("ddpo train", self.startup_rows()))
+            for warning in plan.warnings:
+                console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -123,10 +118,12 @@ class Trainer:
         torch.manual_seed(derive_seed(self.cfg.seed, epoch, self.accelerator.process_index, "torch"))
         if self.algo.rollout == "backprop":
             samples, metrics, timings = self.backprop_epoch(epoch)
-            all_rewards = self.gather_rewards(samples)
         else:
             samples, timings = self.sample_epoch(epoch)
-            all_rewards = self.gather_rewards(samples)
+        all_rewards = self.gather_rewards(samples)
+        check_rewards(all_rewards, self.gather_prompts(samples), self.reward_fn.name, epoch,
+                      self.cfg.train.nonfinite_rewards)
+        if self.algo.rollout != "backprop":
             metrics = {}
             train_start = time.perf_counter()
             if self.algo.rollout == "sample":
@@ -135,29 +132,23 @@ class Trainer:
             every = self.cfg.log.kl_to_base_every
             if every and epoch % every == 0:
                 metrics["kl_to_base"] = self.kl_to_base(samples)
-        row = {"epoch": epoch, "global_step": self.global_step,
-               "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-               **metrics, "samples": int(all_rewards.size), "epoch_seconds": time.perf_counter() - start,
+        finite = all_rewards[np.isfinite(all_rewards)]  # all of them unless train.nonfinite_rewards=drop
+        row = {"epoch": epoch, "global_step": self.global_step, "reward_mean": float(finite.mean()),
+               "reward_std": float(finite.std()), **metrics, "samples": int(all_rewards.size),
+               "nonfinite_rewards": int(all_rewards.size - finite.size), "epoch_seconds": time.perf_counter() - start,
                **timings, **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
         return row, samples
-
-    def epoch_randomness(self, epoch: int) -> tuple[random.Random, torch.Generator]:
-        """This process's prompt RNG and noise generator for ``epoch`` (a function of seed, epoch and rank only)."""
-        cfg, rank = self.cfg, self.accelerator.process_index
-        rng = random.Random(derive_seed(cfg.seed, epoch, rank, "prompts"))
-        generator = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, epoch, rank, "noise"))
-        return rng, generator
 
     # ------------------------------------------------------------------------------------------------ sample
     def sample_epoch(self, epoch: int) -> tuple[EpochSamples, dict]:
         """``num_batches_per_epoch`` batches; rewards run in a worker thread while the next batch samples."""
         cfg = self.cfg
-        rng, generator = self.epoch_randomness(epoch)
+        rng, generator = epoch_randomness(cfg.seed, epoch, self.accelerator.process_index, self.device)
         self.denoiser.eval()
         trajectories, prompts, metadata, futures, images_kept = [], [], [], [], []
         start = time.perf_counter()
         for _ in range(cfg.sampler.num_batches_per_epoch):
-            batch_prompts, batch_meta = self.draw_prompts(rng, cfg.sampler.batch_size, cfg.sampler.group_size)
+            batch_prompts, batch_meta = self.prompt_set.draw(cfg.sampler.batch_size, rng, cfg.sampler.group_size)
             trajectory, images = self.sample_batch(batch_prompts, generator)
             futures.append(self.submit_reward(images, batch_prompts, batch_meta))
             trajectories.append(trajectory)
@@ -173,11 +164,6 @@ class Trainer:
         samples = EpochSamples(Trajectory.cat(trajectories), prompts, metadata, rewards,
                                torch.cat(images_kept)[: cfg.log.grid_images], info)
         return samples, {"sample_seconds": sample_seconds, "reward_seconds": reward_seconds}
-
-    def draw_prompts(self, rng: random.Random, n: int, group: int = 1) -> tuple[list[str], list[dict]]:
-        """``n / group`` prompts, each repeated ``group`` times (consecutive)."""
-        pairs = [pair for pair in self.prompt_set.sample(n // group, rng) for _ in range(group)]
-        return [p for p, _ in pairs], [dict(m) for _, m in pairs]
 
     @torch.no_grad()
     def sample_batch(self, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
@@ -200,14 +186,17 @@ class Trainer:
         """Rewards of every process, in rank order ``[N]``."""
         return self.accelerator.gather(samples.rewards.detach().float()).cpu().numpy()
 
+    def gather_prompts(self, samples: EpochSamples) -> list[str]:
+        """Prompts of every process, in rank order (as :meth:`gather_rewards`)."""
+        return gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
+
     def training_targets(self, samples: EpochSamples, all_rewards: np.ndarray) -> torch.Tensor:
         """This rank's per-sample targets from everyone's rewards: the algorithm's weights, or advantages."""
         if self.algo.targets == "weights":
             targets = self.algo.weights(all_rewards)
         else:
-            all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
-            targets = compute_advantages(self.cfg.advantage.mode, all_rewards, all_prompts, self.tracker,
-                                         self.cfg.sampler.group_size)
+            targets = compute_advantages(self.cfg.advantage.mode, all_rewards, self.gather_prompts(samples),
+                                         self.tracker, self.cfg.sampler.group_size)
         n, rank = len(samples.prompts), self.accelerator.process_index
         return torch.as_tensor(targets[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device)
 
@@ -289,6 +278,7 @@ class Trainer:
 
     def optimizer_step(self) -> float:
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        check_gradient(grad_norm, self.global_step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -313,7 +303,7 @@ class Trainer:
     def backprop_epoch(self, epoch: int) -> tuple[EpochSamples, dict, dict]:
         """Reward backprop (AlignProp / DRaFT): generate with the graph kept, loss = f(reward), backward, step."""
         cfg = self.cfg
-        rng, generator = self.epoch_randomness(epoch)
+        rng, generator = epoch_randomness(cfg.seed, epoch, self.accelerator.process_index, self.device)
         truncation_rng = random.Random(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "truncation"))
         accumulation = cfg.train.gradient_accumulation_steps
         n_micro = self.counts.samples_per_process // cfg.train.batch_size
@@ -321,7 +311,7 @@ class Trainer:
         rewards, prompts, metadata, images_kept, infos, totals = [], [], [], [], [], {}
         start = time.perf_counter()
         for micro in range(n_micro):
-            batch_prompts, batch_meta = self.draw_prompts(rng, cfg.train.batch_size)
+            batch_prompts, batch_meta = self.prompt_set.draw(cfg.train.batch_size, rng)
             keep = self.algo.steps_with_gradient(self.sampler.num_steps, truncation_rng)
             noise = torch.randn((len(batch_prompts), *self.model.latent_shape()), generator=generator,
                                 device=self.device)
@@ -332,8 +322,11 @@ class Trainer:
                                      keep_grad=keep, checkpoint_denoiser=self.algo.checkpoint_unet)
                 images = self.model.decode(final)
                 batch_rewards, batch_info = self.reward_fn(images, batch_prompts, batch_meta)
-                loss, _ = self.algo.loss(rewards=batch_rewards)
-                self.accelerator.backward(loss / accumulation)
+                finite = check_rewards(batch_rewards.detach().cpu().numpy(), batch_prompts, self.reward_fn.name, epoch,
+                                       cfg.train.nonfinite_rewards, whole_epoch=False)
+                loss, _ = self.algo.loss(rewards=batch_rewards[torch.from_numpy(finite).to(batch_rewards.device)])
+                if finite.any():  # train.nonfinite_rewards=drop: the other images take no part
+                    self.accelerator.backward(loss / accumulation)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / n_micro
             totals["kept_steps"] = totals.get("kept_steps", 0.0) + sum(keep) / n_micro
             if boundary:
@@ -358,33 +351,39 @@ class Trainer:
         report.append_metrics(self.run_dir, row)
         if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1:
             report.plot_reward_curve(self.run_dir)
-            n = samples.images.shape[0]
-            captions = [f"{report.shown_prompt(p)} | {r:.2f}"
-                        for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
-            report.image_grid(samples.images, captions).save(self.run_dir / "images" / f"epoch_{epoch:04d}.png")
+            report.epoch_grid(samples.images, samples.prompts, samples.rewards.tolist()).save(
+                self.run_dir / "images" / f"epoch_{epoch:04d}.png")
         console.print(report.epoch_line(row), highlight=False)
 
     def save_checkpoint(self, epoch: int) -> Path:
+        check_weights(self.params, epoch)
         state = {"global_step": self.global_step, "stat_tracker": self.tracker.state_dict(),
                  "seed": self.cfg.seed, "config": json.dumps(OmegaConf.to_container(self.cfg, resolve=True))}
         return checkpoint.save(self.accelerator, self.model, self.denoiser, self.optimizer, state, self.run_dir,
                                epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
 
-    def _resume(self, path: Path) -> None:
-        checkpoint.load_weights(self.model, self.accelerator.unwrap_model(self.denoiser), path,
-                                self.cfg.model.use_lora)
-        state = checkpoint.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _resume(self, requested: Path) -> Path | None:
+        """Load the newest readable checkpoint of ``requested``; returns where later checkpoints of the run were
+        moved, if any (resuming from an older one keeps what came after it in ``superseded/``)."""
+        path, state, skipped = checkpoint.resume(self.model, self.accelerator.unwrap_model(self.denoiser),
+                                                 self.optimizer, requested, self.cfg.model.use_lora)
+        for line in skipped if self.accelerator.is_main_process else []:
+            console.print(f"[yellow]skipped an unreadable checkpoint: {escape(line)}[/]", highlight=False)
         self.tracker.load_state_dict(state["stat_tracker"])
         self.global_step = int(state["global_step"])
         self.start_epoch = int(state["epoch"]) + 1
+        superseded = supersede_after(self.run_dir, int(state["epoch"])) if self.accelerator.is_main_process else None
         if self.accelerator.is_main_process:
             console.print(f"[green]resumed from {path}: epoch {self.start_epoch}, global step {self.global_step}[/]")
+            if superseded:
+                console.print(f"[yellow]later checkpoints and metrics of this run moved to {superseded}[/]")
+        return superseded
 
-    def cleanup(self) -> None:
-        """Release workers and trackers; reset accelerate's global state so the next sweep job starts clean."""
+    def cleanup(self, wait: bool = True) -> None:
+        """Release workers and trackers; reset accelerate's global state so the next sweep job starts clean.
+        ``wait=False`` (Ctrl-C) drops queued reward calls instead of waiting for them."""
         if getattr(self, "executor", None) is not None:
-            self.executor.shutdown(wait=True)
+            self.executor.shutdown(wait=wait, cancel_futures=not wait)
         if getattr(self, "accelerator", None) is not None:
             if self.cfg.log.tracker != "none":
                 self.accelerator.end_training()

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical(tmp_path, cache_dir):
     run_dir = tmp_path / "ddp"
     run_dir.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # a fresh model cache: both processes build the tiny model at once (they once left it without text-encoder weights)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "fresh_cache")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                str(Path(__file__).parent / "ddp_worker.py"), str(run_dir), "model=tiny", "sampler.num_steps=3",
                "sampler.batch_size=2", "sampler.num_batches_per_epoch=1", "train.batch_size=1",

@@ -32,7 +32,21 @@ class Algorithm:
         self.name = name
 
     def check(self, cfg, reward) -> None:
-        """Sample-based algorithms need a stochastic policy (the log-prob divides by the step's std)."""
+        """Sample-based algorithms need a stochastic policy (the log-prob divides by the step's std), and one whose
+        log-prob the update recomputes exactly as sampling computed it."""
         if cfg.sampler.eta <= 0:
             raise UserError(f"sampler.eta={cfg.sampler.eta}: the policy needs noise; use sampler.eta > 0 "
                             f"(the paper uses 1.0)")
+        if "log_prob" not in self.needs:
+            return
+        if not cfg.train.cfg and cfg.sampler.guidance_scale != 1:
+            raise UserError(f"train.cfg=false trains a policy without the guidance the samples were drawn with "
+                            f"(sampler.guidance_scale={cfg.sampler.guidance_scale}), so its log-probs are not the "
+                            f"sampler's: keep train.cfg=true, or sample with sampler.guidance_scale=1")
+        if cfg.model.use_lora and cfg.model.lora.dropout > 0:
+            raise UserError(f"model.lora.dropout={cfg.model.lora.dropout}: dropout in training but not in sampling "
+                            f"makes the recomputed log-probs differ from the sampled ones; use 0 with {self.name}")
+
+    def warnings(self, cfg, counts) -> list[str]:
+        """Settings that run but change what the algorithm means (printed at start-up)."""
+        return []

@@ -42,8 +42,20 @@ class DDPO(Algorithm):
     def __init__(self, name: str = "ddpo_is", importance_sampling: bool = True, clip_range: float = 1e-4,
                  adv_clip_max: float = 5.0) -> None:
         super().__init__(name)
+        if not clip_range > 0:
+            raise ValueError(f"algo.clip_range={clip_range}: must be > 0 (the PPO ratio is kept in [1 - c, 1 + c])")
+        if not adv_clip_max > 0:
+            raise ValueError(f"algo.adv_clip_max={adv_clip_max}: must be > 0")
         self.importance_sampling = importance_sampling
         self.clip_range, self.adv_clip_max = clip_range, adv_clip_max
+
+    def warnings(self, cfg, counts) -> list[str]:
+        if self.importance_sampling or counts.updates_per_epoch == 1:
+            return []
+        return [f"{self.name} has no importance weight, but each epoch's samples feed {counts.updates_per_epoch} "
+                f"updates: every update after the first follows a policy that no longer sampled them (one update "
+                f"per epoch: train.batch_size x train.gradient_accumulation_steps = samples per process and "
+                f"train.num_inner_epochs=1; or algo=ddpo_is)"]
 
     def policy_loss(self, log_prob, old_log_prob, advantages) -> tuple[torch.Tensor, dict]:
         if self.importance_sampling:

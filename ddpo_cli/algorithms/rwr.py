@@ -39,10 +39,16 @@ class RWR(Algorithm):
         self.beta, self.sparse, self.keep_fraction = beta, sparse, keep_fraction
 
     def weights(self, rewards: np.ndarray) -> np.ndarray:
-        """Per-sample weights over the gathered batch of rewards ``[N]``."""
-        if self.sparse:
-            return top_fraction_weights(rewards, self.keep_fraction)
-        return softmax_weights(rewards, self.beta)
+        """Per-sample weights over the gathered batch of rewards ``[N]``; a non-finite reward (a sample dropped by
+        ``train.nonfinite_rewards=drop``) gets weight 0 and takes no part in the others' weights."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        valid = np.isfinite(rewards)
+        weights = np.zeros_like(rewards)
+        if valid.any():
+            kept = rewards[valid]
+            weights[valid] = top_fraction_weights(kept, self.keep_fraction) if self.sparse else \
+                softmax_weights(kept, self.beta)
+        return weights
 
     def loss(self, errors: torch.Tensor, weights: torch.Tensor, **_) -> tuple[torch.Tensor, dict]:
         """``errors`` ``[N]`` per-pair mean squared denoising error; ``weights`` ``[N]`` its sample's weight."""

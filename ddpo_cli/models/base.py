@@ -81,8 +81,14 @@ class ModelFamily:
         if model_cfg.use_lora:
             denoiser.to(dtype=self.dtype)
             lora = model_cfg.lora
-            denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
+            try:
+                denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
+            except ValueError as exc:  # peft: no module of the denoiser matches the targets
+                raise UserError(f"model.lora.target_modules={list(lora.target_modules)} does not fit the "
+                                f"{self.denoiser_name} of model.family={self.family} "
+                                f"({' '.join(str(exc).split())[:160]}): name its attention layers, e.g. "
+                                f"[to_q,to_k,to_v,to_out.0]") from None
             for param in self.trainable_parameters():
                 param.data = param.data.float()  # LoRA parameters stay fp32 under fp16/bf16
         else:
@@ -179,11 +185,20 @@ class ModelFamily:
         """Load a LoRA file into a denoiser that already has the matching adapter."""
         folder = Path(folder)
         if not (folder / LORA_FILE).exists():
-            raise UserError(f"{folder} has no {LORA_FILE}: it was saved by a full fine-tuning run; "
-                            f"use model.use_lora=false")
+            if (folder / self.denoiser_name).is_dir():
+                raise UserError(f"{folder} was saved by a full fine-tuning run (it has {self.denoiser_name}/ and no "
+                                f"{LORA_FILE}): use model.use_lora=false")
+            raise UserError(f"{folder} has no {LORA_FILE}: the checkpoint is incomplete")
         prefix = f"{self.denoiser_name}."
-        weights = {k.removeprefix(prefix): v for k, v in load_file(folder / LORA_FILE).items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(weights), adapter_name="default")
+        try:
+            weights = {k.removeprefix(prefix): v for k, v in load_file(folder / LORA_FILE).items()
+                       if k.startswith(prefix)}
+            result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(weights),
+                                               adapter_name="default")
+        except Exception as exc:  # a corrupt file (SafetensorError), or shapes of another rank (RuntimeError)
+            reason = " ".join(str(exc).split())[:200]
+            raise UserError(f"{folder / LORA_FILE} cannot be loaded into this model's LoRA ({reason}): use the same "
+                            f"model and model.lora settings as the run that wrote it") from None
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected or not weights:
             raise UserError(f"{folder} does not match this model's LoRA ({len(unexpected or [])} unexpected keys, "

@@ -124,13 +124,26 @@ def materialise_tiny(spec: DictConfig, cache_dir: str, family: str = "sd") -> Pa
     container = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
     digest = hashlib.sha1(json.dumps(container, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(os.path.expanduser(cache_dir)) / f"tiny-{family}-{digest}"
-    if (folder / "model_index.json").exists():
+    if complete(folder):
         return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a half-saved copy (another version's bug) is rebuilt, not reused
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     TINY_BUILDERS[family](OmegaConf.create(container)).save_pretrained(staging, safe_serialization=True)
+    if not complete(staging):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"building the tiny model in {folder.parent} left some weights unsaved: build it in a "
+                        f"single process first (e.g. one `ddpo train model=tiny train.num_epochs=1`)")
     try:
         staging.rename(folder)
     except OSError:  # another process finished first: use its copy
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def complete(folder: Path) -> bool:
+    """A saved pipeline folder whose every model component holds its weights file."""
+    if not (folder / "model_index.json").exists():
+        return False
+    components = [p for p in folder.iterdir() if (p / "config.json").exists()]
+    return all(any(p.glob("*.safetensors")) or any(p.glob("*.bin")) for p in components)

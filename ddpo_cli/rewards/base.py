@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
 
 class Reward:
     """Base class. Subclasses set ``differentiable`` and implement ``score``; ``setup`` loads models if any."""
@@ -52,7 +54,18 @@ class Reward:
         else:
             with torch.no_grad():
                 rewards, info = self.score(images.detach(), prompts, metadata)
-        return rewards.float().reshape(-1), info
+        return self.checked(rewards, images.shape[0]), info
+
+    def checked(self, rewards, n: int) -> torch.Tensor:
+        """``rewards`` as a float tensor ``[n]``; anything else (None, text, a scalar, the wrong length) is a UserError
+        naming the reward, not a traceback from deep inside the trainer."""
+        numeric = torch.is_tensor(rewards) and (rewards.is_floating_point() or rewards.dtype in (torch.int32,
+                                                                                             torch.int64))
+        if not numeric or rewards.numel() != n:
+            shown = f"a tensor of shape {tuple(rewards.shape)}" if torch.is_tensor(rewards) else type(rewards).__name__
+            raise UserError(f"reward {self.name} returned {shown} for {n} images: a reward returns one number per "
+                            f"image (a float tensor or list of length {n})")
+        return rewards.float().reshape(-1)
 
 
 def to_uint8_hwc(images: torch.Tensor):
@@ -74,5 +87,11 @@ class FunctionReward(Reward):
 
     def score(self, images, prompts, metadata):
         out = self.fn(images, prompts, metadata)
-        rewards, info = out if isinstance(out, tuple) else (out, {})
-        return torch.as_tensor(rewards, device=images.device, dtype=torch.float32), dict(info)
+        rewards, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+        try:
+            rewards = torch.as_tensor(rewards, device=images.device, dtype=torch.float32)
+            info = dict(info or {})
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"reward {self.name} returned {type(rewards).__name__} (info {type(info).__name__}): a "
+                            f"custom reward returns one number per image, or (numbers, info dict)") from None
+        return rewards, info
