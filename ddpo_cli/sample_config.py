@@ -113,11 +113,11 @@ def foreign_code(node: Any, where: str) -> list[str]:
     if isinstance(node, dict):
         found = []
         target = str(node.get("_target_", "ddpo_cli."))
-        if not target.startswith("ddpo_cli."):
+        if target in ("hydra.utils.get_method", "hydra.utils.get_class"):  # harmless itself: what does it fetch?
+            if not str(node.get("path", "")).startswith("ddpo_cli."):
+                found.append(f"{where}.path={node.get('path')}")
+        elif not target.startswith("ddpo_cli."):
             found.append(f"{where}._target_={target}")
-        if target in ("hydra.utils.get_method", "hydra.utils.get_class") and \
-                not str(node.get("path", "")).startswith("ddpo_cli."):
-            found.append(f"{where}.path={node.get('path')}")
         if where == "model" and "." in str(node.get("family", "")):
             found.append(f"model.family={node['family']}")
         return found + [f for key, value in node.items() for f in foreign_code(value, f"{where}.{key}")]

@@ -46,11 +46,13 @@ class FakeVLMServer:
     """``POST /<mode>/v1/chat/completions`` answers from the image colour; modes misbehave on purpose.
 
     normal: answers at once | slow: sleeps ``delay`` s every time | slow_once: sleeps on the first request only |
-    flaky: HTTP 500 on the first request | bad: HTTP 400 | busy: sleeps 0.1 s (to measure concurrency).
+    flaky: HTTP 500 on the first request | bad: HTTP 400 | busy: sleeps 0.1 s (to measure concurrency) |
+    html: a web page | garbage: broken JSON | odd: JSON without choices | huge: 5 MB of JSON |
+    trickle: a byte every 0.1 s for 3 s | redirect: 302 to the ``echo`` mode | echo: records the request's headers.
     """
 
     def __init__(self, delay: float = 1.0) -> None:
-        self.delay, self.requests, self.lock = delay, [], threading.Lock()
+        self.delay, self.requests, self.headers, self.lock = delay, [], [], threading.Lock()
         self.in_flight: dict[str, int] = {}  # per mode: requests being answered now, and the most at once
         self.max_in_flight: dict[str, int] = {}
         server = self
@@ -63,6 +65,7 @@ class FakeVLMServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 mode = self.path.split("/")[1]
                 with server.lock:
+                    server.headers.append((mode, dict(self.headers)))
                     server.requests.append((mode, body))
                     server.in_flight[mode] = server.in_flight.get(mode, 0) + 1
                     server.max_in_flight[mode] = max(server.max_in_flight.get(mode, 0), server.in_flight[mode])
@@ -88,6 +91,18 @@ class FakeVLMServer:
             time.sleep(0.1)
         if mode == "bad" or (mode == "flaky" and first):
             return self.send(handler, 400 if mode == "bad" else 500, {"error": {"message": "no such model"}})
+        if mode in ("html", "garbage", "huge", "trickle"):
+            data = {"html": b"<html><body>Welcome to nginx!</body></html>", "garbage": b'{"choices": [{"mess',
+                    "huge": b'{"pad": "' + b"x" * 5_000_000 + b'"}', "trickle": b" " * 30 + b"{}"}[mode]
+            return self.send_raw(handler, 200, data, slow=mode == "trickle")
+        if mode == "odd":
+            return self.send(handler, 200, {"object": "chat.completion", "choices": []})
+        if mode == "redirect":
+            handler.send_response(302)
+            handler.send_header("Location", f"{self.base}/echo/v1/chat/completions")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return None
         image_part, text_part = body["messages"][0]["content"]
         header, data = image_part["image_url"]["url"].split(",", 1)
         image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
@@ -97,6 +112,20 @@ class FakeVLMServer:
         else:
             answer = "a red apple on a table" if red > blue else "a blue car on a road"
         self.send(handler, 200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+
+    @staticmethod
+    def send_raw(handler, status: int, data: bytes, slow: bool = False) -> None:
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            for start in range(0, len(data), 1 if slow else len(data)):
+                handler.wfile.write(data[start:start + (1 if slow else len(data))])
+                handler.wfile.flush()
+                if slow:
+                    time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     @staticmethod
     def send(handler, status: int, payload: dict) -> None:
@@ -169,6 +198,32 @@ def test_client_error_is_not_retried(server):
     with pytest.raises(UserError, match="HTTP 400"):
         ServerVLM(server.url("bad"), max_retries=3, backoff=5.0).ask([Image.new("RGB", (8, 8))], ["q"])
     assert sum(m == "bad" for m, _ in server.requests) == 1
+
+
+@pytest.mark.parametrize("mode,phrase", [("html", "not JSON: <html>"), ("garbage", "not JSON"),
+                                         ("odd", "no choices[0].message"), ("huge", "more than 4000000 bytes"),
+                                         ("trickle", "took more than 1.0 s")])
+def test_a_reply_that_is_not_a_chat_completion_is_retried_then_one_line(server, mode, phrase):
+    before = sum(m == mode for m, _ in server.requests)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="did not answer after 2 attempts") as info:
+        ServerVLM(server.url(mode), timeout=1.0, max_retries=1, backoff=0.01).ask([Image.new("RGB", (8, 8))], ["q"])
+    assert phrase in str(info.value) and "\n" not in str(info.value)
+    assert sum(m == mode for m, _ in server.requests) - before == 2
+    assert time.perf_counter() - start < 6  # a trickling server cannot hold the client beyond ~2x timeout per try
+
+
+def test_redirects_are_refused_and_the_key_goes_nowhere_else(server, monkeypatch):
+    from ddpo_cli.rewards.vlm import may_send_key
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    with pytest.raises(UserError, match="redirects \\(302\\)"):
+        ServerVLM(server.url("redirect"), max_retries=2).ask([Image.new("RGB", (8, 8))], ["q"])
+    assert not [h for m, h in server.headers if m == "echo"], "the request was not repeated elsewhere"
+    ServerVLM(server.url("normal")).ask([Image.new("RGB", (8, 8))], ["q"])
+    assert server.headers[-1][1].get("Authorization") == "Bearer sk-secret"  # loopback: sent
+    assert may_send_key("https://api.example.com/v1/chat/completions")
+    assert not may_send_key("http://gpu-box.example.com:8000/v1/chat/completions")  # plain http elsewhere: never
 
 
 def test_concurrency_is_bounded(server):

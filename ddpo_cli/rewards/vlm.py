@@ -16,6 +16,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -88,23 +89,49 @@ def _dtype_kwarg(transformers, dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+class BadReply(Exception):
+    """The server answered, but not with a chat completion (HTML, broken or unexpected JSON, too large, too slow)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would repeat the request, API key included, at the new address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(newurl, code, f"redirect to {newurl}", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def may_send_key(endpoint: str) -> bool:
+    """An API key travels only encrypted (https) or to this machine (loopback)."""
+    parts = urllib.parse.urlsplit(endpoint)
+    return parts.scheme == "https" or parts.hostname in LOOPBACK
+
+
 class ServerVLM:
     """An OpenAI-compatible ``/chat/completions`` endpoint (vLLM, sglang, ...), JSON only.
 
     ``url`` is the API base (``http://host:port/v1``); ``model`` the served model name. The API key, if the server
-    wants one, is read from the environment variable named by ``api_key_env``. A request that times out, cannot
-    connect, or gets HTTP 429/5xx is retried ``max_retries`` times, sleeping ``backoff * 2**attempt`` seconds.
+    wants one, is read from the environment variable named by ``api_key_env`` and sent only over https or to a
+    loopback address; redirects are refused. A request that times out (``timeout`` bounds the whole reply, also a
+    trickling one), cannot connect, gets HTTP 429/5xx, or gets a reply that is not a chat completion (or longer than
+    ``max_reply_bytes``) is retried ``max_retries`` times, sleeping ``backoff * 2**attempt`` seconds.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000/v1", model: str = "Qwen/Qwen2.5-VL-7B-Instruct",
                  max_new_tokens: int = 64, timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
-                 concurrency: int = 8, image_format: str = "jpeg", api_key_env: str = "OPENAI_API_KEY") -> None:
+                 concurrency: int = 8, image_format: str = "jpeg", api_key_env: str = "OPENAI_API_KEY",
+                 max_reply_bytes: int = 4_000_000) -> None:
         if image_format.lower() not in ("jpeg", "png"):
             raise UserError(f"image_format={image_format!r}: choose jpeg or png")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise UserError(f"server_url={url!r}: give an http:// or https:// address of an OpenAI-compatible API")
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.max_new_tokens, self.timeout = model, max_new_tokens, timeout
         self.max_retries, self.backoff, self.concurrency = max_retries, backoff, concurrency
-        self.image_format, self.api_key_env = image_format.lower(), api_key_env
+        self.image_format, self.api_key_env, self.max_reply_bytes = image_format.lower(), api_key_env, max_reply_bytes
 
     def load(self, device: torch.device, dtype: torch.dtype) -> None:
         """Nothing to load: the server holds the model."""
@@ -130,36 +157,66 @@ class ServerVLM:
                 "max_tokens": self.max_new_tokens, "temperature": 0.0}
 
     def _ask_one(self, image: Image.Image, question: str) -> str:
-        body = json.dumps(self.payload(image, question)).encode("utf-8")
-        response = self._post_with_retries(body)
-        return (response["choices"][0]["message"].get("content") or "").strip()
+        return self._answer_with_retries(json.dumps(self.payload(image, question)).encode("utf-8"))
 
-    def _post_with_retries(self, body: bytes) -> dict:
+    def _answer_with_retries(self, body: bytes) -> str:
         last_error = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return self._post(body)
+                return self._answer(self._post(body))
             except urllib.error.HTTPError as error:
+                if 300 <= error.code < 400:
+                    raise UserError(f"VLM server at {self.endpoint} redirects ({error.code}) to {error.filename}: "
+                                    f"give that address as server_url (requests and API keys are not sent on)"
+                                    ) from None
+                if error.code in (401, 403) and not may_send_key(self.endpoint):
+                    raise UserError(f"VLM server at {self.endpoint} wants an API key (HTTP {error.code}), which is "
+                                    f"only sent over https or to this machine: use an https:// server_url") from None
                 if error.code != 429 and error.code < 500:
                     detail = brief(error.read().decode("utf-8", "replace"))
                     raise UserError(f"VLM server at {self.endpoint} rejected the request (HTTP {error.code}: "
-                                    f"{detail}): check that the served model name is {self.model!r}") from error
+                                    f"{detail}): check that the served model name is {self.model!r}") from None
                 last_error = f"HTTP {error.code}"
+            except BadReply as error:
+                last_error = f"a reply that is not a chat completion: {brief(error, 120)}"
             except OSError as error:  # refused connection, timeout, reset (URLError is an OSError)
                 last_error = brief(getattr(error, "reason", None) or error)
         raise UserError(f"VLM server at {self.endpoint} did not answer after {self.max_retries + 1} attempts "
                         f"({last_error}): start an OpenAI-compatible server there (e.g. `vllm serve {self.model} "
                         f"--port 8000`), point the reward's server_url at a running one, or raise its timeout")
 
-    def _post(self, body: bytes) -> dict:
+    @staticmethod
+    def _answer(reply) -> str:
+        """The assistant's text of a chat completion (BadReply for anything else)."""
+        try:
+            content = reply["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise BadReply(f"no choices[0].message in {brief(json.dumps(reply), 120)}") from None
+        if content is not None and not isinstance(content, str):
+            raise BadReply(f"message content is {type(content).__name__}, not text")
+        return (content or "").strip()
+
+    def _post(self, body: bytes):
+        """One request; the parsed JSON reply. The whole reply must arrive within ``timeout`` seconds (plus the
+        last read's own timeout) and hold at most ``max_reply_bytes``."""
         headers = {"Content-Type": "application/json"}
-        if os.environ.get(self.api_key_env):
+        if os.environ.get(self.api_key_env) and may_send_key(self.endpoint):
             headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
+        deadline, data = time.monotonic() + self.timeout, bytearray()
+        with _OPENER.open(request, timeout=self.timeout) as response:
+            while chunk := response.read1(65536) if hasattr(response, "read1") else response.read(65536):
+                data += chunk
+                if len(data) > self.max_reply_bytes:
+                    raise BadReply(f"more than {self.max_reply_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the reply took more than {self.timeout} s")
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadReply(f"not JSON: {brief(bytes(data[:200]).decode('utf-8', 'replace'), 120)}") from None
 
 
 def make_vlm(backend: str, model: str, server_url: str, max_new_tokens: int, batch_size: int, timeout: float,
