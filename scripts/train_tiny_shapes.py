@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ddpo_cli.models.tiny import portable_text_encoders  # noqa: E402
 from ddpo_cli.toyworld.detect import check, detect  # noqa: E402
 from ddpo_cli.toyworld.render import COLOURS, COUNT_WORDS, SHAPES, all_combos, caption, metadata, render_dataset  # noqa: E402
 
@@ -215,6 +216,7 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, ema, params, args, step: i
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.copy(Path(args.work) / "tokenizer" / "vocab.json", tmp / "tokenizer" / "vocab.json")
     shutil.copy(Path(args.work) / "tokenizer" / "merges.txt", tmp / "tokenizer" / "merges.txt")
+    portable_text_encoders(tmp)  # the text encoder in the key layout every supported transformers loads
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     snapshot = Path(args.work) / f"pipeline_step{step:06d}"

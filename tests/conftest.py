@@ -41,6 +41,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def load_lora_plainly(pipe, folder: Path) -> None:
+    """``pipe.load_lora_weights(folder)``, as a user would; diffusers before 0.42 wants the file name when offline
+    (``HF_HUB_OFFLINE=1``, as in these tests)."""
+    try:
+        pipe.load_lora_weights(folder)
+    except ValueError as exc:
+        if "weight_name" not in str(exc):
+            raise
+        pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

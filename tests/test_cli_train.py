@@ -1,13 +1,14 @@
 """End to end through the real CLI on the tiny model: outputs, golden numbers, resume, LoRA loading, bad input."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli
+from conftest import load_lora_plainly, read_metrics, run_cli
 
 FAST = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
         "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
@@ -51,9 +52,13 @@ def test_ratio_is_exactly_one_before_the_first_update(full_run):
     assert first["approx_kl"] == 0.0 and first["ratio_mean"] == 1.0 and first["clipfrac"] == 0.0
 
 
+@pytest.mark.skipif(not torch.__version__.startswith("2.14.1") or platform.machine() != "x86_64",
+                    reason="golden numbers recorded with torch 2.14.1 on the x86_64 CI machine; other builds round "
+                           "differently")
 def test_golden_numbers(full_run):
     rows = read_metrics(full_run)
-    # recorded on the reference CPU machine (torch 2.14.1); catches silent changes to sampling, rewards or updates
+    # recorded on the reference CPU machine (torch 2.14.1, x86_64, 2 threads): catches silent changes to sampling,
+    # rewards or updates there; skipped elsewhere
     # JPEG sizes are multiples of 1 byte, so a mean over 4 images moves in steps of 0.00025 kB
     assert [r["reward_mean"] for r in rows[:2]] == pytest.approx([-1.58200, -1.57900], abs=1e-4)
     assert rows[0]["grad_norm"] == pytest.approx(0.0163969, rel=1e-3)
@@ -100,7 +105,7 @@ def test_saved_lora_loads_with_plain_diffusers_and_reproduces_images(full_run, t
 
     ckpt = full_run / "checkpoints" / "epoch_0001"
     plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
-    plain.load_lora_weights(ckpt)
+    load_lora_plainly(plain, ckpt)
 
     cfg = OmegaConf.load(full_run / ".hydra" / "config.yaml")
     ours = load_model(cfg.model, torch.device("cpu"), torch.float32)
@@ -154,7 +159,10 @@ def test_every_algorithm_runs_end_to_end_in_one_sweep(tmp_path):
         row = read_metrics(job)[0]
         no_update = "algo=baseline" in (job / ".hydra" / "overrides.yaml").read_text()
         assert row["global_step"] == (0 if no_update else 1) and row["samples"] == 4, job
-        assert (job / "checkpoints" / "epoch_0000" / "pytorch_lora_weights.safetensors").exists()
+        lora = lora_of(job, 0)
+        # LoRA B starts at zero: a finite update moves it (a NaN loss would have stopped the run with exit 2)
+        moved = any(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k)
+        assert moved != no_update and all(torch.isfinite(v).all() for v in lora.values()), job
 
 
 def test_quickstart_smoke_run_and_its_eval(tmp_path):

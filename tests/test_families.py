@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_metrics, run_cli
+from conftest import load_lora_plainly, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 STEPS = ["sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1", "train.batch_size=2",
@@ -117,7 +117,7 @@ def test_sdxl_lora_loads_in_plain_diffusers_and_reproduces_ddpo_sample(sdxl_swee
     plain = StableDiffusionXLPipeline.from_pretrained(folder)
     plain.set_progress_bar_config(disable=True)
     base = [diffusers_image(plain, row["prompt"], row["seed"], 4, 5.0) for row, _ in sampled(out)]
-    plain.load_lora_weights(checkpoint)
+    load_lora_plainly(plain, checkpoint)
     for (row, ours), before in zip(sampled(out), base):
         expected = diffusers_image(plain, row["prompt"], row["seed"], 4, 5.0)
         assert np.abs(ours - expected).max() <= ONE_LEVEL, row

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from conftest import load_lora_plainly
 from ddpo_cli.config import compose
 from ddpo_cli.models import Conditioning, load_model
 from ddpo_cli.models.tiny import SCHEDULER_CONFIG
@@ -134,8 +135,36 @@ def test_lora_round_trips_through_the_family_format(family, tmp_path):
     assert all(torch.equal(p, mine[n]) for n, p in other.denoiser.named_parameters() if "lora" in n)
     # and plain diffusers reads the file with the family's own pipeline class
     plain = model.pipeline_class.from_pretrained(model.pipe.name_or_path, **model.load_kwargs)
-    plain.load_lora_weights(tmp_path)
+    load_lora_plainly(plain, tmp_path)
     assert any("lora" in n for n, _ in plain.unet.named_parameters())
+
+
+def test_a_lora_with_alpha_other_than_rank_loads_at_its_strength_in_plain_diffusers(tmp_path, cache_dir):
+    # the scale alpha / r travels in the file's header; a loader that ignored it would apply 1.0 instead of 2.0
+    cfg = compose("train", ["model=tiny", "model.lora.rank=4", "model.lora.alpha=8"])
+    model = load_model(cfg.model, torch.device("cpu"), torch.float32, lora_seed=0)
+    with torch.no_grad():
+        for name, param in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    model.save_lora(model.denoiser, tmp_path)
+    plain = model.pipeline_class.from_pretrained(model.pipe.name_or_path, **model.load_kwargs)
+    load_lora_plainly(plain, tmp_path)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    ours, theirs = model.denoiser.get_submodule(name), plain.unet.get_submodule(name)
+    (adapter,) = theirs.lora_A.keys()
+    torch.testing.assert_close(theirs.get_delta_weight(adapter), ours.get_delta_weight("default"))
+    assert ours.scaling["default"] == 2.0
+    # the header holds only settings every supported peft's LoraConfig accepts (a newer peft's full config does not)
+    import json
+
+    from safetensors import safe_open
+
+    from ddpo_cli.models.base import PORTABLE_LORA_FIELDS
+
+    with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as handle:
+        header = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert {key.removeprefix("unet.") for key in header} <= set(PORTABLE_LORA_FIELDS) and header["unet.r"] == 4
 
 
 def test_sdxl_conditioning_matches_diffusers_encode_prompt(cache_dir):

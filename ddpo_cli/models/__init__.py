@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import diffusers
 import huggingface_hub
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
+from packaging.version import Version
 
 from ..errors import UserError
 from .base import ModelFamily, adapters_disabled, set_lora_scale
@@ -25,6 +27,8 @@ from .sdxl import StableDiffusionXL
 from .tiny import materialise_tiny
 
 FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL}
+# from_pretrained's precision argument: `dtype` from diffusers 0.40 (`torch_dtype` then warns), `torch_dtype` before
+DTYPE_ARGUMENT = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 __all__ = ["Conditioning", "FAMILIES", "ModelFamily", "adapters_disabled", "family_class", "load_model",
@@ -92,7 +96,7 @@ def load_pipeline(cls: type[ModelFamily], path: str, model_cfg: DictConfig, dtyp
         check_hub_reachable(path, model_cfg.revision)
     try:
         pipe = cls.pipeline_class.from_pretrained(path, revision=model_cfg.revision, variant=model_cfg.variant,
-                                                  dtype=dtype, **cls.load_kwargs)
+                                                  **{DTYPE_ARGUMENT: dtype}, **cls.load_kwargs)
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if local else "hub model"
         first = " ".join(str(exc).split())[:200]

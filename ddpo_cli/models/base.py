@@ -26,6 +26,11 @@ from ..runs import LORA_FILE
 from .conditioning import Conditioning
 
 
+# LoraConfig fields of peft 0.15 (the oldest supported) that describe the adapter's shape and scale
+PORTABLE_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
+                        "fan_in_fan_out", "rank_pattern", "alpha_pattern", "init_lora_weights")
+
+
 class ModelFamily:
     family: str = "?"              # the model.family name
     kind: str = "diffusion"        # diffusion (DDPM-trained, DDIM sampler) | flow (rectified flow)
@@ -174,9 +179,14 @@ class ModelFamily:
         return {k: v.detach().float().cpu() for k, v in weights.items()}
 
     def save_lora(self, denoiser, folder: Path) -> None:
-        """``folder/pytorch_lora_weights.safetensors`` as the family's pipeline writes it (and reads it back)."""
+        """``folder/pytorch_lora_weights.safetensors`` as the family's pipeline writes it (and reads it back).
+
+        The adapter settings go into the file's header as diffusers expects, limited to the LoraConfig fields that
+        every supported peft knows: the full config of a newer peft names fields an older one refuses to construct
+        (peft 0.17 + diffusers 0.35: ``unexpected keyword argument 'alora_invocation_tokens'``)."""
         name = self.denoiser_name
-        metadata = denoiser.peft_config["default"].to_dict()
+        config = denoiser.peft_config["default"].to_dict()
+        metadata = {key: config[key] for key in PORTABLE_LORA_FIELDS if key in config}
         self.pipeline_class.save_lora_weights(folder, safe_serialization=True,
                                               **{f"{name}_lora_layers": self.lora_state_dict(denoiser),
                                                  f"{name}_lora_adapter_metadata": metadata})
