@@ -111,6 +111,8 @@ class AdvantageConfig:
     mode: str = "per_prompt"      # per_prompt | batch | group
     buffer_size: int = 16
     min_count: int = 16
+    shuffle: bool = False         # a control run: permute each epoch's advantages (or weights) across the batch; same
+    # update sizes, no link to the samples. A learning claim must beat it (tests/test_learning.py does).
 
 
 @dataclass

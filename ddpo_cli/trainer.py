@@ -127,7 +127,7 @@ class Trainer:
             metrics = {}
             train_start = time.perf_counter()
             if self.algo.rollout == "sample":
-                metrics = self.update_epoch(epoch, samples, self.training_targets(samples, all_rewards))
+                metrics = self.update_epoch(epoch, samples, self.training_targets(samples, all_rewards, epoch))
             timings["train_seconds"] = time.perf_counter() - train_start
             every = self.cfg.log.kl_to_base_every
             if every and epoch % every == 0:
@@ -190,13 +190,17 @@ class Trainer:
         """Prompts of every process, in rank order (as :meth:`gather_rewards`)."""
         return gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
 
-    def training_targets(self, samples: EpochSamples, all_rewards: np.ndarray) -> torch.Tensor:
-        """This rank's per-sample targets from everyone's rewards: the algorithm's weights, or advantages."""
+    def training_targets(self, samples: EpochSamples, all_rewards: np.ndarray, epoch: int) -> torch.Tensor:
+        """This rank's per-sample targets from everyone's rewards: the algorithm's weights, or advantages (permuted
+        across the batch in a control run, ``advantage.shuffle``)."""
         if self.algo.targets == "weights":
             targets = self.algo.weights(all_rewards)
         else:
             targets = compute_advantages(self.cfg.advantage.mode, all_rewards, self.gather_prompts(samples),
                                          self.tracker, self.cfg.sampler.group_size)
+        if self.cfg.advantage.shuffle:
+            control = np.random.default_rng(derive_seed(self.cfg.seed, epoch, "control"))
+            targets = targets[control.permutation(targets.size)]
         n, rank = len(samples.prompts), self.accelerator.process_index
         return torch.as_tensor(targets[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device)
 

@@ -47,7 +47,7 @@ def flat_grad(trainer: Trainer) -> torch.Tensor:
 def score_function_gradient(trainer: Trainer, epoch: int) -> torch.Tensor:
     """DDPO-SF ascent direction from one epoch of samples, over the trained (sample, timestep) pairs."""
     samples, _ = trainer.sample_epoch(epoch)
-    targets = trainer.training_targets(samples, trainer.gather_rewards(samples))
+    targets = trainer.training_targets(samples, trainer.gather_rewards(samples), epoch)
     trainer.optimizer.zero_grad()
     first, end = trainer.counts.window
     n = len(samples.prompts)

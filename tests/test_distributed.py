@@ -34,5 +34,8 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, cache_dir):
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora.up" in k or "lora_B" in k), "LoRA must train"
     rows = read_metrics(run_dir)
     assert [r["samples"] for r in rows] == [4, 4]  # 2 per process, gathered from both ranks
+    noise0 = load_file(run_dir / "rank0_epoch0.safetensors")["initial_noise"]
+    noise1 = load_file(run_dir / "rank1_epoch0.safetensors")["initial_noise"]
+    assert not torch.allclose(noise0, noise1), "the two ranks must sample different data"
     saved = load_file(run_dir / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors")
     torch.testing.assert_close(saved[f"unet.{next(iter(rank0))}"], rank0[next(iter(rank0))])

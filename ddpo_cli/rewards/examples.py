@@ -12,3 +12,9 @@ def brightness(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -
     """Mean pixel value of each image, in [0, 1] (differentiable): a toy reward that prefers bright images."""
     values = images.mean(dim=(1, 2, 3))  # [B]
     return values, {"brightness": values.detach().tolist()}
+
+
+def darkness(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
+    """One minus the mean pixel value (differentiable): brightness's opposite, the control of a brightness claim."""
+    values = 1 - images.mean(dim=(1, 2, 3))  # [B]
+    return values, {"darkness": values.detach().tolist()}
