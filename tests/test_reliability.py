@@ -363,3 +363,36 @@ def test_ctrl_c_does_not_wait_for_the_reward_in_flight(tmp_path, helpers, cache_
     _, stderr = process.communicate(timeout=60)
     assert time.perf_counter() - sent < 10, "Ctrl-C waited for the reward call"
     assert process.returncode == 130 and "interrupted" in stderr and "resume=" in stderr, stderr[-2000:]
+
+
+def test_the_guards_by_hand():
+    import numpy as np
+
+    from ddpo_cli.errors import UserError
+    from ddpo_cli.guards import check_gradient, check_rewards, check_weights
+
+    rewards, prompts = np.array([0.5, float("nan"), 0.2, float("inf")]), ["a", "b", "c", "d"]
+    with pytest.raises(UserError, match=r"reward r returned 2 non-finite value\(s\) .* among 4 in epoch 3, e.g. for "
+                                        r"the prompt 'b'"):
+        check_rewards(rewards, prompts, "r", 3, "stop")
+    assert check_rewards(rewards, prompts, "r", 3, "drop").tolist() == [True, False, True, False]
+    with pytest.raises(UserError, match="no finite value"):
+        check_rewards(np.full(4, np.nan), prompts, "r", 3, "drop")
+    check_gradient(torch.tensor(1.5), 7)
+    with pytest.raises(UserError, match="global step 7 produced a non-finite gradient"):
+        check_gradient(torch.tensor(float("nan")), 7)
+    check_weights([torch.ones(3)], 2)
+    with pytest.raises(UserError, match="no checkpoint was written"):
+        check_weights([torch.ones(3), torch.tensor([1.0, float("inf")])], 2)
+
+
+def test_sample_and_eval_refuse_non_finite_values():
+    from ddpo_cli.config import compose
+    from ddpo_cli.errors import UserError
+    from ddpo_cli.sample_config import validate_sample
+
+    for override, phrase in (("lora_scale=inf", "lora_scale=inf: must be a finite number"),
+                             ("sampler.guidance_scale=nan", "sampler.guidance_scale=nan"),
+                             ("sampler.eta=2", "sampler.eta=2")):
+        with pytest.raises(UserError, match=phrase.replace("[", r"\[")):
+            validate_sample(compose("sample", ["model=tiny", override]))
