@@ -6,7 +6,6 @@ without running code they name.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -80,10 +79,6 @@ def helpers(tmp_path_factory) -> dict:
     return {"PYTHONPATH": str(folder)}
 
 
-def cli(*args, env=None, **kwargs):
-    return run_cli(*args, env=env, **kwargs)
-
-
 def one_line_exit_2(result, *phrases, alone: bool = False) -> None:
     """Exit code 2, no traceback, and the last line of stderr is the one-line error holding ``phrases``; ``alone``:
     it is the only line (the run was refused before it started)."""
@@ -103,7 +98,7 @@ def snapshot(folder: Path) -> dict:
 def good_run(tmp_path_factory, cache_dir) -> Path:
     """2 epochs, a checkpoint after each."""
     run = tmp_path_factory.mktemp("runs") / "good"
-    result = cli("train", *FAST, "train.num_epochs=2", f"hydra.run.dir={run}")
+    result = run_cli("train", *FAST, "train.num_epochs=2", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -118,7 +113,7 @@ def copy_of(run: Path, tmp_path: Path, name: str = "copy") -> Path:
 def test_a_nan_reward_stops_the_run_and_keeps_every_checkpoint(good_run, tmp_path, helpers):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    result = cli("train", *FAST, *custom("nan_for_cats"), "train.num_epochs=4", f"resume={run}", env=helpers)
+    result = run_cli("train", *FAST, *custom("nan_for_cats"), "train.num_epochs=4", f"resume={run}", env=helpers)
     one_line_exit_2(result, "reward nan_for_cats", "non-finite", "'a cat'", "train.nonfinite_rewards=drop")
     after = snapshot(run)
     assert {k: v for k, v in after.items() if ".hydra" not in str(k)} == \
@@ -127,7 +122,7 @@ def test_a_nan_reward_stops_the_run_and_keeps_every_checkpoint(good_run, tmp_pat
 
 def test_dropping_nan_rewards_trains_on_the_others(tmp_path, helpers, cache_dir):
     run = tmp_path / "drop"
-    result = cli("train", *FAST, *custom("nan_for_cats"), "train.nonfinite_rewards=drop", "train.num_epochs=2",
+    result = run_cli("train", *FAST, *custom("nan_for_cats"), "train.nonfinite_rewards=drop", "train.num_epochs=2",
                  "advantage.mode=per_prompt", "advantage.min_count=1", f"hydra.run.dir={run}", env=helpers)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run)
@@ -137,7 +132,7 @@ def test_dropping_nan_rewards_trains_on_the_others(tmp_path, helpers, cache_dir)
     state = torch.load(run / "checkpoints" / "epoch_0001" / "training_state.pt", weights_only=True)
     buffers = state["stat_tracker"]["buffers"]
     assert "a cat" not in buffers and all(v == v for values in buffers.values() for v in values)
-    everything_nan = cli("train", *FAST, *custom("all_nan"), "train.nonfinite_rewards=drop", "train.num_epochs=1",
+    everything_nan = run_cli("train", *FAST, *custom("all_nan"), "train.nonfinite_rewards=drop", "train.num_epochs=1",
                          f"hydra.run.dir={tmp_path / 'all_nan'}", env=helpers)
     one_line_exit_2(everything_nan, "no finite value")
 
@@ -147,7 +142,7 @@ def test_weights_with_nan_are_never_sampled(good_run, tmp_path):
     lora_file = run / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors"
     weights = load_file(lora_file)
     save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, lora_file)
-    one_line_exit_2(cli("sample", f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / 's'}"),
+    one_line_exit_2(run_cli("sample", f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / 's'}"),
                     "NaN/inf weights")
 
 
@@ -155,14 +150,14 @@ def test_weights_with_nan_are_never_sampled(good_run, tmp_path):
 def test_a_run_folder_has_one_writer_and_is_never_overwritten(good_run, tmp_path):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    overwrite = cli("train", *FAST, "train.num_epochs=3", f"hydra.run.dir={run}")
+    overwrite = run_cli("train", *FAST, "train.num_epochs=3", f"hydra.run.dir={run}")
     one_line_exit_2(overwrite, "already holds a run", f"resume={run}", alone=True)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddpo_cli.runs import lock_run; "
                                "lock_run(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        one_line_exit_2(cli("train", *FAST, "train.num_epochs=3", f"resume={run}"), "in use by another ddpo process",
+        one_line_exit_2(run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}"), "in use by another ddpo process",
                         alone=True)
     finally:
         holder.kill()
@@ -184,7 +179,7 @@ def test_a_metrics_line_cut_by_a_full_disk_does_not_stop_resume_or_eval(good_run
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"epoch": 2, "global_st')
     assert [r["epoch"] for r in read_metrics(run)] == [0, 1]
-    result = cli("train", *FAST, "train.num_epochs=3", f"resume={run}")
+    result = run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["epoch"] for r in read_metrics(run)] == [0, 1, 2]
 
@@ -202,15 +197,15 @@ def test_a_run_folder_is_not_code(good_run, tmp_path, helpers):
     victim = tmp_path / "overwritten.txt"
     with_prompts(run, {"_target_": "shutil.copyfile", "src": str(run / "metrics.jsonl"), "dst": str(victim)})
     for command in ("sample", "eval"):
-        one_line_exit_2(cli(command, f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / command}"),
+        one_line_exit_2(run_cli(command, f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / command}"),
                         "outside ddpo_cli", "shutil.copyfile", "trust_run=true", alone=True)
     assert not victim.exists()
     # a run that names its owner's own code opens with trust_run=true
     own = copy_of(good_run, tmp_path, "own")
     with_prompts(own, {"_target_": "bad_rewards.prompts_of_mine"})
-    refused = cli("sample", f"run={own}", "n=1", f"hydra.run.dir={tmp_path / 'refused'}", env=helpers)
+    refused = run_cli("sample", f"run={own}", "n=1", f"hydra.run.dir={tmp_path / 'refused'}", env=helpers)
     one_line_exit_2(refused, "bad_rewards.prompts_of_mine")
-    trusted = cli("sample", f"run={own}", "n=1", "trust_run=true", f"hydra.run.dir={tmp_path / 'trusted'}",
+    trusted = run_cli("sample", f"run={own}", "n=1", "trust_run=true", f"hydra.run.dir={tmp_path / 'trusted'}",
                   env=helpers)
     assert trusted.returncode == 0, trusted.stderr[-3000:]
 
@@ -235,7 +230,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(good_run, tm
     for run, how in zip(runs, cases):
         damage(run, how)
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda run: cli("train", *FAST, "train.num_epochs=3", f"resume={run}"), runs))
+        results = list(pool.map(lambda run: run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}"), runs))
     for run, how, result in zip(runs, cases, results):
         assert result.returncode == 0, (how, result.stderr[-3000:])
         assert "skipped an unreadable checkpoint: epoch_0001" in result.stderr, how
@@ -248,7 +243,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(good_run, tm
 def test_a_checkpoint_of_another_shape_is_refused_in_one_line(good_run, tmp_path):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    one_line_exit_2(cli("train", *FAST, "model.lora.rank=8", "train.num_epochs=3", f"resume={run}"),
+    one_line_exit_2(run_cli("train", *FAST, "model.lora.rank=8", "train.num_epochs=3", f"resume={run}"),
                     "cannot resume", "model.lora")
     assert {k: v for k, v in snapshot(run).items() if ".hydra" not in str(k)} == \
         {k: v for k, v in before.items() if ".hydra" not in str(k)}
@@ -257,7 +252,7 @@ def test_a_checkpoint_of_another_shape_is_refused_in_one_line(good_run, tmp_path
 def test_resuming_an_older_checkpoint_keeps_what_came_after_it(good_run, tmp_path):
     run = copy_of(good_run, tmp_path)
     old_row = read_metrics(run)[1]
-    result = cli("train", *FAST, "train.num_epochs=2", f"resume={run / 'checkpoints' / 'epoch_0000'}")
+    result = run_cli("train", *FAST, "train.num_epochs=2", f"resume={run / 'checkpoints' / 'epoch_0000'}")
     assert result.returncode == 0, result.stderr[-3000:]
     (superseded,) = list((run / "superseded").iterdir())
     assert (superseded / "epoch_0001" / "training_state.pt").exists()
@@ -316,7 +311,7 @@ def test_bad_values_through_the_cli_exit_2_and_write_nothing(tmp_path, cache_dir
             if any(key in " ".join(job[0]) for key in ("train.lr=inf", "run_name=", "latin1", "no_such_module"))]
     assert len(jobs) == 4
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda k: cli("train", *jobs[k][0], f"hydra.run.dir={tmp_path / f'run{k}'}"),
+        results = list(pool.map(lambda k: run_cli("train", *jobs[k][0], f"hydra.run.dir={tmp_path / f'run{k}'}"),
                                 range(len(jobs))))
     for k, ((overrides, phrase), result) in enumerate(zip(jobs, results)):
         one_line_exit_2(result, phrase, alone=True)
@@ -327,7 +322,7 @@ def test_a_custom_reward_of_the_wrong_shape_is_named_in_one_line(tmp_path, helpe
     cases = [("scalar", "shape () for 4 images"), ("strings", "returned list"), ("nothing", "returned NoneType"),
              ("one_short", "shape (3,) for 4 images")]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda case: cli("train", *FAST, *custom(case[0]), "train.num_epochs=1",
+        results = list(pool.map(lambda case: run_cli("train", *FAST, *custom(case[0]), "train.num_epochs=1",
                                                  f"hydra.run.dir={tmp_path / case[0]}", env=helpers), cases))
     for (fn, phrase), result in zip(cases, results):
         one_line_exit_2(result, f"reward {fn}", phrase)
@@ -344,7 +339,7 @@ def test_several_updates_without_importance_weights_get_a_word():
 
 
 def test_lora_targets_that_match_nothing_are_one_line(tmp_path, cache_dir):
-    one_line_exit_2(cli("train", *FAST, "model.lora.target_modules=[no_such_layer]", "train.num_epochs=1",
+    one_line_exit_2(run_cli("train", *FAST, "model.lora.target_modules=[no_such_layer]", "train.num_epochs=1",
                         f"hydra.run.dir={tmp_path / 'run'}"), "model.lora.target_modules=['no_such_layer']")
 
 
