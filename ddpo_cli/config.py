@@ -73,9 +73,13 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    name: str = "ddim"            # ddim (ddpo_cli/samplers/)
+    name: str = "ddim"            # ddim | flow_ode | flow_sde | dance_sde | flow_cps (ddpo_cli/samplers/)
     num_steps: int = 50
-    eta: float = 1.0
+    eta: float = 1.0              # ddim: 0 = deterministic, 1 = DDPM-like noise
+    noise_level: float = 0.7      # flow_sde / dance_sde / flow_cps: the noise of a stochastic step (0 = the ODE)
+    sde_window: Optional[list[int]] = None  # flow samplers: [first, end) step indices that are stochastic (and
+    # trained); the others are ODE steps. null = all (Flow-GRPO); a few steps = MixGRPO / Flow-GRPO-Fast
+    sde_window_slide_every: int = 0  # > 0: move the SDE window one step later every this many epochs (wrapping)
     guidance_scale: float = 5.0
     batch_size: int = 1           # per device
     num_batches_per_epoch: int = 2
@@ -219,6 +223,7 @@ class Counts:
     samples_per_process: int
     train_timesteps: int          # trained steps per trajectory
     window: tuple[int, int]       # step indices [first, end) that training timesteps are drawn from
+    trainable: tuple[int, ...]    # the stochastic steps inside that window (epoch 0; an SDE window may slide)
     updates_per_epoch: int        # optimizer steps per epoch (all inner epochs)
     pairs_per_update: int         # (sample, timestep) pairs per optimizer step per process
 
@@ -229,9 +234,21 @@ class Counts:
 
     def as_rows(self) -> list[tuple[str, str]]:
         return [("processes", str(self.num_processes)), ("samples / epoch", str(self.samples_per_epoch)),
-                ("trained timesteps / sample", f"{self.train_timesteps} of steps {self.window[0]}..{self.window[1] - 1}"),
+                ("trained timesteps / sample", f"{self.train_timesteps} of {len(self.trainable)} stochastic steps "
+                                               f"{_ranges(self.trainable)} (window {self.window[0]}..{self.window[1] - 1})"),
                 ("updates / epoch", str(self.updates_per_epoch)),
                 ("(sample, timestep) pairs / update / process", str(self.pairs_per_update))]
+
+
+def _ranges(steps) -> str:
+    """``(0, 1, 2, 5)`` -> ``0-2, 5``."""
+    parts, start = [], None
+    for i, step in enumerate(steps):
+        start = step if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != step + 1:
+            parts.append(str(start) if start == step else f"{start}-{step}")
+            start = None
+    return ", ".join(parts) or "none"
 
 
 def derive_counts(cfg: DictConfig, num_processes: int = 1) -> Counts:
@@ -248,9 +265,10 @@ def derive_counts(cfg: DictConfig, num_processes: int = 1) -> Counts:
             f"{s.num_batches_per_epoch} = {per_process} is not divisible by train.batch_size x "
             f"train.gradient_accumulation_steps = {t.batch_size} x {t.gradient_accumulation_steps} = {step_samples}")
     window = step_window(s.num_steps, t.timestep_window)
-    train_timesteps = max(1, int(round((window[1] - window[0]) * t.timestep_fraction)))
+    trainable = tuple(i for i in stochastic_steps_of(cfg) if window[0] <= i < window[1])
+    train_timesteps = max(1, int(round(len(trainable) * t.timestep_fraction)))
     return Counts(num_processes=num_processes, samples_per_epoch=per_process * num_processes,
-                  samples_per_process=per_process, train_timesteps=train_timesteps, window=window,
+                  samples_per_process=per_process, train_timesteps=train_timesteps, window=window, trainable=trainable,
                   updates_per_epoch=per_process // step_samples * t.num_inner_epochs,
                   pairs_per_update=step_samples * train_timesteps)
 
@@ -313,6 +331,12 @@ def check_values(cfg: DictConfig) -> None:
         raise UserError(f"{key}={OmegaConf.select(cfg, key)}: must be a finite number")
     _require(s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1")
     _require(0 <= s.eta <= 1, f"sampler.eta={s.eta}: DDIM's eta is in [0, 1] (1 = DDPM-like noise, 0 = deterministic)")
+    _require(s.noise_level >= 0 and (s.name != "flow_cps" or s.noise_level <= 1),
+             f"sampler.noise_level={s.noise_level}: use >= 0 (flow_cps: at most 1)")
+    _require(s.sde_window is None or (len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps),
+             f"sampler.sde_window={s.sde_window}: use [first, end) step indices with 0 <= first < end <= "
+             f"sampler.num_steps={s.num_steps}, or null for every step")
+    _require(s.sde_window_slide_every >= 0, f"sampler.sde_window_slide_every={s.sde_window_slide_every}: use >= 0")
     _require(s.guidance_scale >= 0, f"sampler.guidance_scale={s.guidance_scale}: use >= 0 (1 = no guidance; "
                                     f"negative values push away from the prompt)")
     _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm}: use > 0 (a negative norm flips the "
@@ -353,6 +377,12 @@ def check_values(cfg: DictConfig) -> None:
     check_sampler_name(s.name)
 
 
+def stochastic_steps_of(cfg: DictConfig) -> list[int]:
+    from .samplers import stochastic_steps  # deferred: see check_values
+
+    return stochastic_steps(cfg.sampler)
+
+
 def check_model(model: DictConfig) -> None:
     _require(model.builder in (None, "tiny"), f"model.builder={model.builder!r}: only 'tiny' is built in")
     _require(model.builder is not None or bool(model.pretrained),
@@ -382,10 +412,14 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
     reward = build(cfg.reward, "reward")
     prompts = build(cfg.prompts, "prompts")
     algorithm.check(cfg, reward)
+    counts = derive_counts(cfg)
+    _require(algorithm.rollout != "sample" or bool(counts.trainable),
+             f"train.timestep_window={list(cfg.train.timestep_window)} (steps {counts.window[0]}..{counts.window[1] - 1})"
+             f" holds none of the sampler's stochastic steps ({_ranges(stochastic_steps_of(cfg))}): widen it, or "
+             f"move sampler.sde_window into it")
     _require(cfg.advantage.mode != "group" or algorithm.targets == "advantages",
              f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not "
              f"{algorithm.name}")
-    counts = derive_counts(cfg)
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
     return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts))
 

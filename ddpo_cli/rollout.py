@@ -128,11 +128,13 @@ def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.T
 @torch.no_grad()
 def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory, prompts: list[str], guidance: float,
                max_samples: int = 2, max_steps: int = 3) -> torch.Tensor:
-    """Mean KL(policy step || base step) over the first ``max_samples`` chains at ``max_steps`` evenly spaced
-    steps (the base model: the same denoiser with its LoRA adapter disabled)."""
+    """Mean KL(policy step || base step) over the first ``max_samples`` chains at up to ``max_steps`` evenly spaced
+    stochastic steps (the base model: the same denoiser with its LoRA adapter disabled)."""
     n, t = traj.log_probs.shape
-    rows = torch.arange(min(n, max_samples)).repeat_interleave(min(t, max_steps))
-    cols = torch.linspace(0, t - 1, min(t, max_steps)).round().long().repeat(min(n, max_samples))
+    stochastic = torch.tensor([i for i in range(t) if sampler.is_stochastic(i)] or [0])
+    picked = stochastic[torch.linspace(0, len(stochastic) - 1, min(len(stochastic), max_steps)).round().long()]
+    rows = torch.arange(min(n, max_samples)).repeat_interleave(len(picked))
+    cols = picked.repeat(min(n, max_samples))
     cond = model.encode([prompts[i] for i in rows.tolist()])
     args = (traj.latents[rows, cols], traj.next_latents[rows, cols], traj.steps[rows, cols], cond, guidance)
     policy = policy_step(model, sampler, denoiser, *args)

@@ -116,6 +116,7 @@ class Trainer:
         """One epoch of the chosen algorithm; returns the metrics row for metrics.jsonl and the samples."""
         start = time.perf_counter()
         torch.manual_seed(derive_seed(self.cfg.seed, epoch, self.accelerator.process_index, "torch"))
+        self.sampler.set_epoch(epoch)  # a sliding SDE window moves
         if self.algo.rollout == "backprop":
             samples, metrics, timings = self.backprop_epoch(epoch)
         else:
@@ -215,11 +216,12 @@ class Trainer:
         totals: dict[str, float] = {}
         updates = 0
         first_step, end_step = self.counts.window
+        trainable = torch.tensor([i for i in range(first_step, end_step) if self.sampler.is_stochastic(i)])
         per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
         self.denoiser.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
-            steps = torch.stack([first_step + torch.randperm(end_step - first_step, generator=generator)
+            steps = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)]
                                  for _ in range(n_samples)])[:, : self.counts.train_timesteps]   # [B, T_train]
             for first in range(0, n_samples, per_update):
                 sample_ids = order[first:first + per_update]

@@ -53,9 +53,14 @@ def check_sampler_contract(sampler, shape=(3, 4, 8, 8)):
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_keeps_the_contract(name):
     cfg = compose("train", ["model=tiny", f"sampler={name}", "sampler.num_steps=6"])
-    model = type("Model", (), {"kind": "diffusion", "family": "sd", "scheduler_config": SCHEDULER_CONFIG,
-                               "device": torch.device("cpu")})()
-    check_sampler_contract(build_sampler(cfg.sampler, model))
+    kind = SAMPLERS[name].model_kind
+    schedule = SCHEDULER_CONFIG if kind == "diffusion" else {"num_train_timesteps": 1000, "shift": 3.0}
+    model = type("Model", (), {"kind": kind, "family": "any", "scheduler_config": schedule,
+                               "device": torch.device("cpu"),
+                               "timestep_kwargs": staticmethod(lambda n: {"num_inference_steps": n})})()
+    sampler = build_sampler(cfg.sampler, model)
+    check_sampler_contract(sampler)
+    assert [i for i in range(6) if sampler.is_stochastic(i)] == SAMPLERS[name].stochastic_steps(cfg.sampler)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

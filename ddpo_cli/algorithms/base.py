@@ -21,6 +21,7 @@ A backprop algorithm's ``loss(rewards)`` takes the rewards of images generated w
 from __future__ import annotations
 
 from ..errors import UserError
+from ..samplers import stochastic_steps
 
 
 class Algorithm:
@@ -34,9 +35,12 @@ class Algorithm:
     def check(self, cfg, reward) -> None:
         """Sample-based algorithms need a stochastic policy (the log-prob divides by the step's std), and one whose
         log-prob the update recomputes exactly as sampling computed it."""
-        if cfg.sampler.eta <= 0:
-            raise UserError(f"sampler.eta={cfg.sampler.eta}: the policy needs noise; use sampler.eta > 0 "
-                            f"(the paper uses 1.0)")
+        s = cfg.sampler
+        if not stochastic_steps(s):
+            raise UserError(f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)"
+                            if s.name == "ddim" else
+                            f"sampler={s.name} (noise_level={s.noise_level}) has no stochastic step, and the policy "
+                            f"needs noise: use flow_sde (Flow-GRPO), dance_sde or flow_cps with noise_level > 0")
         if "log_prob" not in self.needs:
             return
         if not cfg.train.cfg and cfg.sampler.guidance_scale != 1:

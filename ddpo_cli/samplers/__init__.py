@@ -9,7 +9,9 @@ times):
 - ``step(output, x_t, steps) -> x_next``: the deterministic step of inference;
 - ``training_times(n, device)`` and ``noisy_and_target(x0, noise, t) -> (x_t, target)``: the forward process and
   regression target of the family's training loss (reward-weighted regression and other denoising-loss algorithms);
-- ``model_kind``: which model families it fits (``diffusion``: DDPM-trained; ``flow``: rectified flow).
+- ``model_kind``: which model families it fits (``diffusion``: DDPM-trained; ``flow``: rectified flow);
+- ``stochastic_steps(sampler_cfg)`` (static) and ``set_epoch(epoch)``: which steps are policy steps (an SDE window
+  may slide over epochs).
 
 Log-prob and KL of the Gaussian steps are shared maths in :mod:`ddpo_cli.samplers.gaussian`.
 Adding a sampler: one module here, one line in ``SAMPLERS``, one ``conf/sampler/<name>.yaml`` and a parity test.
@@ -22,8 +24,10 @@ import torch
 
 from ..errors import UserError
 from .ddim import DDIMSampler
+from .flow import FlowSampler
 
-SAMPLERS = {"ddim": DDIMSampler}
+SAMPLERS = {"ddim": DDIMSampler, "flow_ode": FlowSampler, "flow_sde": FlowSampler, "dance_sde": FlowSampler,
+            "flow_cps": FlowSampler}
 
 
 class Sampler(Protocol):
@@ -33,6 +37,7 @@ class Sampler(Protocol):
     timesteps: torch.Tensor
 
     def model_time(self, steps: torch.Tensor) -> torch.Tensor: ...
+    def set_epoch(self, epoch: int) -> None: ...
     def is_stochastic(self, i: int) -> bool: ...
     def step_distribution(self, output: torch.Tensor, x_t: torch.Tensor,
                           steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -47,6 +52,12 @@ def check_sampler_name(name: str) -> None:
         raise UserError(f"sampler.name={name!r}: choose one of {', '.join(SAMPLERS)} (see `ddpo ls sampler`)")
 
 
+def stochastic_steps(sampler_cfg) -> list[int]:
+    """The steps a sampler config makes stochastic (policy steps with a log-prob), before any model is loaded."""
+    check_sampler_name(sampler_cfg.name)
+    return SAMPLERS[sampler_cfg.name].stochastic_steps(sampler_cfg)
+
+
 def build_sampler(sampler_cfg, model) -> Sampler:
     """The sampler of ``sampler_cfg`` on the noise schedule of ``model`` (a loaded model family)."""
     check_sampler_name(sampler_cfg.name)
@@ -54,4 +65,4 @@ def build_sampler(sampler_cfg, model) -> Sampler:
     if cls.model_kind != model.kind:
         raise UserError(f"sampler={sampler_cfg.name} is for {cls.model_kind} models but model.family="
                         f"{model.family} is a {model.kind} model: choose a matching sampler")
-    return cls.from_config(sampler_cfg, model.scheduler_config, model.device)
+    return cls.from_config(sampler_cfg, model)

@@ -126,9 +126,17 @@ class DDIMSampler:
         self.num_train_timesteps = len(self.schedule.alphas_cumprod)
 
     @classmethod
-    def from_config(cls, sampler_cfg, scheduler_config: dict, device: torch.device | str) -> "DDIMSampler":
-        """``sampler_cfg``: conf/sampler/ddim.yaml (num_steps, eta); ``scheduler_config``: the model's schedule."""
-        return cls(scheduler_config, sampler_cfg.num_steps, sampler_cfg.eta, device)
+    def from_config(cls, sampler_cfg, model) -> "DDIMSampler":
+        """``sampler_cfg``: conf/sampler/ddim.yaml (num_steps, eta); ``model``: a family (its noise schedule)."""
+        return cls(model.scheduler_config, sampler_cfg.num_steps, sampler_cfg.eta, model.device)
+
+    @staticmethod
+    def stochastic_steps(sampler_cfg) -> list[int]:
+        """The policy steps a config gives (for checks before any model is loaded): all of them when eta > 0."""
+        return list(range(sampler_cfg.num_steps)) if sampler_cfg.eta > 0 else []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing changes between epochs."""
 
     @property
     def timesteps(self) -> torch.Tensor:

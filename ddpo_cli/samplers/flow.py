@@ -1,0 +1,144 @@
+"""Rectified-flow samplers (SD3, FLUX): the Euler ODE of inference and the stochastic policy steps of Flow-GRPO,
+DanceGRPO and Flow-CPS, with an SDE window (MixGRPO / Flow-GRPO-Fast: only a few steps are stochastic and trained).
+
+Convention (diffusers' ``FlowMatchEulerDiscreteScheduler``): noise level ``s`` in [0, 1], ``x_s = (1 - s) x0 + s eps``,
+the model predicts the velocity ``v = eps - x0``; step ``i`` goes from ``s = sigmas[i]`` to ``s_next = sigmas[i+1]``
+(``dt = s_next - s < 0``; the last ``s_next`` is 0). The sigmas, shift included, are the scheduler's own: the
+family says how its pipeline calls ``set_timesteps`` (a static shift for SD3, a resolution-dependent ``mu`` and
+custom sigmas for FLUX). The stochastic steps are Gaussians ``N(mean, std^2 I)`` (maths from the papers; our code):
+
+- ``flow_sde`` (Flow-GRPO, arXiv 2505.05470): ``sig = a sqrt(s / (1 - s))`` (at ``s = 1`` the denominator uses
+  ``sigmas[1]``), ``std = sig sqrt(-dt)``, ``mean = x (1 + sig^2 dt / (2 s)) + v (1 + sig^2 (1 - s) / (2 s)) dt``;
+- ``dance_sde`` (DanceGRPO, arXiv 2505.07818): the same form with a constant ``sig = a``;
+- ``flow_cps`` (coefficients-preserving, arXiv 2509.05952): ``std = s_next sin(a pi / 2)``,
+  ``mean = (1 - s_next) x0_hat + s_next cos(a pi / 2) eps_hat`` with ``x0_hat = x - s v``, ``eps_hat = x + (1 - s) v``
+  (its last step, ``s_next = 0``, has no noise and is deterministic);
+- ``flow_ode``: every step deterministic.
+
+``a = 0`` gives the Euler step exactly (``tests/test_flow_samplers.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+KINDS = ("flow_ode", "flow_sde", "dance_sde", "flow_cps")
+
+
+def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[N]`` -> ``[N, 1, 1, 1]`` (broadcast against ``like``)."""
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def flow_sigmas(scheduler_config: dict, timestep_kwargs: dict) -> torch.Tensor:
+    """``[T + 1]`` noise levels of the inference chain (the last is 0), exactly as the scheduler sets them."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(**timestep_kwargs)
+    return scheduler.sigmas.to(torch.float32)
+
+
+def sde_mean_std(kind: str, noise_level: float, v: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                 s_next: torch.Tensor, s_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[N,C,h,w]`` and std ``[N,1,1,1]`` of one stochastic step (``s``, ``s_next``: ``[N,1,1,1]``), fp32."""
+    dt = s_next - s
+    if kind == "flow_cps":
+        std = s_next * math.sin(noise_level * math.pi / 2)
+        x0_hat, eps_hat = x - s * v, x + (1 - s) * v
+        return (1 - s_next) * x0_hat + s_next * math.cos(noise_level * math.pi / 2) * eps_hat, std
+    if kind == "flow_sde":
+        sig = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, torch.full_like(s, s_max), s)))
+    else:  # dance_sde
+        sig = torch.full_like(s, noise_level)
+    mean = x * (1 + sig**2 * dt / (2 * s)) + v * (1 + sig**2 * (1 - s) / (2 * s)) * dt
+    return mean, sig * torch.sqrt(-dt)
+
+
+class FlowSampler:
+    """The sampler seam for rectified-flow families. ``kind``: flow_ode | flow_sde | dance_sde | flow_cps;
+    ``noise_level`` is ``a`` above; ``sde_window = (first, end)`` limits the stochastic steps to
+    ``first <= i < end`` (None: all), and ``slide_every = k > 0`` moves that window one step later every ``k``
+    epochs (from the noisiest steps on, wrapping around; :meth:`set_epoch`)."""
+
+    model_kind = "flow"
+
+    def __init__(self, sigmas: torch.Tensor, kind: str = "flow_sde", noise_level: float = 0.7,
+                 sde_window: tuple[int, int] | None = None, slide_every: int = 0, num_train_timesteps: int = 1000,
+                 device: torch.device | str = "cpu") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown flow sampler {kind!r}: choose one of {', '.join(KINDS)}")
+        self.name, self.kind, self.noise_level = kind, kind, float(noise_level)
+        self.sigmas = sigmas.to(device=device, dtype=torch.float32)         # [T + 1]
+        self.num_steps = len(self.sigmas) - 1
+        self.num_train_timesteps = num_train_timesteps
+        self.window = tuple(sde_window) if sde_window is not None else (0, self.num_steps)
+        self.slide_every, self.offset = slide_every, 0
+
+    @classmethod
+    def from_config(cls, sampler_cfg, model) -> "FlowSampler":
+        """``sampler_cfg``: conf/sampler/flow_*.yaml; ``model``: a flow family (its schedule and timestep setting)."""
+        sigmas = flow_sigmas(model.scheduler_config, model.timestep_kwargs(sampler_cfg.num_steps))
+        return cls(sigmas, sampler_cfg.name, sampler_cfg.noise_level,
+                   tuple(sampler_cfg.sde_window) if sampler_cfg.sde_window else None,
+                   sampler_cfg.sde_window_slide_every, model.scheduler_config.get("num_train_timesteps", 1000),
+                   model.device)
+
+    @staticmethod
+    def stochastic_steps(sampler_cfg) -> list[int]:
+        """The policy steps that a config gives at epoch 0 (for checks before any model is loaded)."""
+        if sampler_cfg.name == "flow_ode" or sampler_cfg.noise_level <= 0:
+            return []
+        first, end = sampler_cfg.sde_window or (0, sampler_cfg.num_steps)
+        last = sampler_cfg.num_steps - 1 if sampler_cfg.name == "flow_cps" else sampler_cfg.num_steps
+        return [i for i in range(first, end) if i < last]
+
+    # ------------------------------------------------------------------------------------------ the chain
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """``[T]`` the denoiser's time input per step (``1000 s``, as the scheduler's timesteps)."""
+        return self.sigmas[:-1] * self.num_train_timesteps
+
+    def model_time(self, steps: torch.Tensor) -> torch.Tensor:
+        return self.timesteps[steps]
+
+    def set_epoch(self, epoch: int) -> None:
+        """A sliding window: move it one step later every ``slide_every`` epochs (wrapping)."""
+        if self.slide_every:
+            size = self.window[1] - self.window[0]
+            self.offset = (epoch // self.slide_every) % max(1, self.num_steps - size + 1 - self.window[0])
+
+    def active_window(self) -> tuple[int, int]:
+        return self.window[0] + self.offset, self.window[1] + self.offset
+
+    def is_stochastic(self, i: int) -> bool:
+        first, end = self.active_window()
+        if self.kind == "flow_ode" or self.noise_level <= 0 or not first <= i < end:
+            return False
+        return not (self.kind == "flow_cps" and i == self.num_steps - 1)  # s_next = 0: no noise left
+
+    def _levels(self, steps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _expand(self.sigmas[steps], like), _expand(self.sigmas[steps + 1], like)
+
+    def step_distribution(self, output: torch.Tensor, x_t: torch.Tensor,
+                          steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, v = x_t.float(), output.float()
+        s, s_next = self._levels(steps, x)
+        return sde_mean_std(self.kind, self.noise_level, v, x, s, s_next, float(self.sigmas[1]))
+
+    def step(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The Euler step of the ODE (``FlowMatchEulerDiscreteScheduler.step``): ``x + (s_next - s) v``."""
+        x = x_t.float()
+        s, s_next = self._levels(steps, x)
+        return x + (s_next - s) * output.float()
+
+    # ------------------------------------------------------------------------------------------ training loss
+    def training_times(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """``[n]`` noise levels ``s ~ U(0, 1)`` in the denoiser's time units (``1000 s``; torch's global generator)."""
+        return torch.rand(n, device=device) * self.num_train_timesteps
+
+    def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor,
+                         t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow-matching forward process at ``t = 1000 s``: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``."""
+        s = _expand(t.float() / self.num_train_timesteps, x0)
+        return (1 - s) * x0 + s * noise, noise - x0
