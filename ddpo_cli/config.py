@@ -52,12 +52,16 @@ class TinyModelConfig:
     text_hidden_size: int = 32
     text_layers: int = 5
     image_size: int = 32
+    transformer_layers: int = 2   # flow families (MMDiT): joint transformer blocks
+    attention_heads: int = 4
+    attention_head_dim: int = 8
+    patch_size: int = 2
 
 
 @dataclass
 class ModelConfig:
     name: str = "sd15"
-    family: str = "sd"  # sd | sdxl (ddpo_cli/models/), or the dotted path of a ModelFamily subclass
+    family: str = "sd"  # sd | sdxl | sd3 (ddpo_cli/models/), or the dotted path of a ModelFamily subclass
     pretrained: Optional[str] = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or local pipeline folder
     revision: Optional[str] = None
     variant: Optional[str] = None
@@ -324,7 +328,7 @@ def check_values(cfg: DictConfig) -> None:
     # deferred (not a cycle): the family and sampler registries import torch and diffusers, which `ddpo ls` and
     # `ddpo --help` (they import this module for the schema) need not pay for
     from .models import family_class
-    from .samplers import check_sampler_name
+    from .samplers import SAMPLERS, check_sampler_name
 
     s, t, a = cfg.sampler, cfg.train, cfg.advantage
     for key in nonfinite_keys(OmegaConf.to_container(cfg, resolve=True))[:1]:
@@ -373,8 +377,12 @@ def check_values(cfg: DictConfig) -> None:
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last}: use >= 1, or null to keep all")
     check_model(cfg.model)
-    family_class(cfg.model.family)
     check_sampler_name(s.name)
+    family, sampler = family_class(cfg.model.family), SAMPLERS[s.name]
+    _require(family.kind == sampler.model_kind,
+             f"sampler={s.name} is for {sampler.model_kind} models but model.family={cfg.model.family} is a "
+             f"{family.kind} model: choose " + ("sampler=ddim" if family.kind == "diffusion" else
+                                                "sampler=flow_sde (or flow_ode, dance_sde, flow_cps)"))
 
 
 def stochastic_steps_of(cfg: DictConfig) -> list[int]:

@@ -13,7 +13,10 @@ GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) i
                  for option in sorted(group.rglob("*.yaml")) if group.name != "experiment"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").rglob("*.yaml"))
 NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompts", "from_list"): ["prompts.prompts=[a cat]"],
-         ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"]}
+         ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"],
+         **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},
+         ("sampler", "flow_ode"): ["model=tiny_sd3", "algo=draft", "reward=clip_score"],
+         **{("model", name): ["sampler=flow_sde"] for name in ("sd3", "sd35_medium", "tiny_sd3")}}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])

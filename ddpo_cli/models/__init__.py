@@ -10,6 +10,7 @@ weights save and load in the format plain diffusers reads. :func:`load_model` is
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import diffusers
@@ -23,16 +24,17 @@ from ..errors import UserError
 from .base import ModelFamily, adapters_disabled, set_lora_scale
 from .conditioning import Conditioning
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .tiny import materialise_tiny
 
-FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL}
+FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
 # from_pretrained's precision argument: `dtype` from diffusers 0.40 (`torch_dtype` then warns), `torch_dtype` before
 DTYPE_ARGUMENT = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "adapters_disabled", "family_class", "load_model",
-           "set_lora_scale"]
+__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "absent_components", "adapters_disabled", "family_class",
+           "load_model", "set_lora_scale"]
 
 
 def family_class(name: str) -> type[ModelFamily]:
@@ -89,6 +91,16 @@ def check_source(model_cfg: DictConfig) -> None:
         check_hub_reachable(path, model_cfg.revision)
 
 
+def absent_components(folder: Path) -> dict:
+    """``{name: None}`` for the components a local pipeline folder saved as absent (``[null, null]`` in
+    model_index.json, e.g. SD3 without its T5): diffusers wants them named when loading."""
+    index = folder / "model_index.json"
+    if not index.exists():
+        return {}
+    entries = json.loads(index.read_text())
+    return {name: None for name, value in entries.items() if isinstance(value, list) and value[0] is None}
+
+
 def load_pipeline(cls: type[ModelFamily], path: str, model_cfg: DictConfig, dtype: torch.dtype):
     """``<family pipeline>.from_pretrained`` (hub id or local folder) with a one-line error if it cannot load."""
     local = Path(path).expanduser().exists()
@@ -96,7 +108,8 @@ def load_pipeline(cls: type[ModelFamily], path: str, model_cfg: DictConfig, dtyp
         check_hub_reachable(path, model_cfg.revision)
     try:
         pipe = cls.pipeline_class.from_pretrained(path, revision=model_cfg.revision, variant=model_cfg.variant,
-                                                  **{DTYPE_ARGUMENT: dtype}, **cls.load_kwargs)
+                                                  **{DTYPE_ARGUMENT: dtype, **absent_components(Path(path).expanduser()),
+                                                     **cls.load_kwargs})
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if local else "hub model"
         first = " ".join(str(exc).split())[:200]

@@ -174,8 +174,13 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------ weights
     def lora_state_dict(self, denoiser) -> dict[str, torch.Tensor]:
-        """The denoiser's LoRA weights in diffusers' key format, fp32 on the CPU (no component prefix)."""
-        weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+        """The denoiser's LoRA weights as its pipeline's loader reads them, fp32 on the CPU (no component prefix):
+        diffusers' UNet key names (``lora.down`` / ``lora.up``) for UNet families, peft's (``lora_A`` / ``lora_B``)
+        for transformers (as diffusers' own SD3 / FLUX LoRA scripts write them; converting would rename only the
+        attention layers it knows from UNets, and a loader reading the mixed file drops those)."""
+        weights = get_peft_model_state_dict(denoiser)
+        if self.denoiser_name == "unet":
+            weights = convert_state_dict_to_diffusers(weights)
         return {k: v.detach().float().cpu() for k, v in weights.items()}
 
     def save_lora(self, denoiser, folder: Path) -> None:

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
@@ -61,12 +62,12 @@ def text_config(spec: DictConfig) -> CLIPTextConfig:
         projection_dim=spec.text_hidden_size)
 
 
-def tiny_vae(spec: DictConfig) -> AutoencoderKL:
+def tiny_vae(spec: DictConfig, **extra) -> AutoencoderKL:
     n_vae = len(spec.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(spec.vae_channels),
         down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
-        norm_num_groups=min(32, min(spec.vae_channels)), sample_size=spec.image_size)
+        norm_num_groups=min(32, min(spec.vae_channels)), sample_size=spec.image_size, **extra)
 
 
 def tiny_unet(spec: DictConfig, **extra) -> UNet2DConditionModel:
@@ -114,7 +115,30 @@ def build_tiny_sdxl(spec: DictConfig, time_embed_dim: int = 8) -> StableDiffusio
                                      scheduler=DDIMScheduler(**SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True)
 
 
-TINY_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+def build_tiny_sd3(spec: DictConfig) -> StableDiffusion3Pipeline:
+    """A randomly initialised SD3-shaped pipeline: an MMDiT transformer (``transformer_layers`` joint blocks of
+    ``attention_heads`` x ``attention_head_dim``), two CLIP text encoders with projections (no T5: its tokens are
+    zeros, as the pipeline does without one), a VAE with a shift factor, the SD3 flow schedule (shift 3)."""
+    latent = spec.image_size // 2 ** (len(spec.vae_channels) - 1)
+    inner = spec.attention_heads * spec.attention_head_dim
+    torch.manual_seed(spec.seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=spec.patch_size, in_channels=4, out_channels=4,
+        num_layers=spec.transformer_layers, attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.attention_heads, joint_attention_dim=2 * spec.text_hidden_size,
+        caption_projection_dim=inner, pooled_projection_dim=2 * spec.text_hidden_size,
+        pos_embed_max_size=latent // spec.patch_size)
+    vae = tiny_vae(spec, scaling_factor=1.5, shift_factor=0.1)
+    text_encoder = CLIPTextModelWithProjection(text_config(spec))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(spec))
+    tokenizer = tiny_tokenizer()
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None,
+                                    tokenizer_3=None, image_encoder=None, feature_extractor=None,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+
+
+TINY_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
 
 
 def portable_text_encoders(folder: Path) -> None:
