@@ -422,7 +422,8 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
     algorithm.check(cfg, reward)
     counts = derive_counts(cfg)
     _require(algorithm.rollout != "sample" or bool(counts.trainable),
-             f"train.timestep_window={list(cfg.train.timestep_window)} (steps {counts.window[0]}..{counts.window[1] - 1})"
+             f"train.timestep_window={list(cfg.train.timestep_window)} "
+             f"(steps {counts.window[0]}..{counts.window[1] - 1})"
              f" holds none of the sampler's stochastic steps ({_ranges(stochastic_steps_of(cfg))}): widen it, or "
              f"move sampler.sde_window into it")
     _require(cfg.advantage.mode != "group" or algorithm.targets == "advantages",

@@ -16,7 +16,8 @@ NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompt
          ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"],
          **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},
          ("sampler", "flow_ode"): ["model=tiny_sd3", "algo=draft", "reward=clip_score"],
-         **{("model", name): ["sampler=flow_sde"] for name in ("sd3", "sd35_medium", "tiny_sd3")}}
+         **{("model", name): ["sampler=flow_sde"] for name in ("sd3", "sd35_medium", "tiny_sd3", "flux_dev",
+                                                              "flux_schnell", "tiny_flux")}}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])

@@ -157,8 +157,8 @@ def test_a_run_folder_has_one_writer_and_is_never_overwritten(good_run, tmp_path
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        one_line_exit_2(run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}"), "in use by another ddpo process",
-                        alone=True)
+        one_line_exit_2(run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}"),
+                        "in use by another ddpo process", alone=True)
     finally:
         holder.kill()
     assert snapshot(run) == before

@@ -101,7 +101,7 @@ def test_a_sampler_refuses_a_model_of_another_kind():
 
 
 # ----------------------------------------------------------------------------------------------- model families
-@pytest.fixture(scope="module", params=["tiny", "tiny_sdxl", "tiny_sd3"])
+@pytest.fixture(scope="module", params=["tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux"])
 def family(request, cache_dir):
     cfg = compose("train", [f"model={request.param}"])
     return cfg.model, load_model(cfg.model, torch.device("cpu"), torch.float32, lora_seed=0)
@@ -110,8 +110,9 @@ def family(request, cache_dir):
 def test_every_family_keeps_the_contract(family):
     model_cfg, model = family
     c, h, w = model.latent_shape()
-    assert h * model.vae_scale_factor == model.resolution == 32 and c == model.denoiser.config.in_channels
-    assert model.kind == ("flow" if model_cfg.family == "sd3" else "diffusion")
+    packed = 4 if model_cfg.family == "flux" else 1  # FLUX's transformer sees 2x2 patches of the latents
+    assert h * model.vae_scale_factor == model.resolution == 32 and c * packed == model.denoiser.config.in_channels
+    assert model.kind == ("flow" if model_cfg.family in ("sd3", "flux") else "diffusion")
     cond = model.encode(["a cat", "a dog", "a cat"])
     assert len(cond) == 3 and torch.equal(cond[0].embeds, cond[2].embeds) and len(model.negative) == 1
     x = torch.randn(3, c, h, w, generator=torch.Generator().manual_seed(0))
@@ -122,8 +123,12 @@ def test_every_family_keeps_the_contract(family):
         uncond_only = model.predict(model.denoiser, x, t, model.negative.expand(3), model.negative, 1.0)
         images = model.decode(x)
     assert guided.shape == x.shape and guided.dtype == torch.float32
-    # CFG as one batched call equals the two separate calls combined
-    torch.testing.assert_close(guided, uncond_only + 5.0 * (cond_only - uncond_only), rtol=1e-4, atol=1e-5)
+    if model_cfg.family == "flux":  # guidance-distilled: the scale is an input, the negative prompt takes no part
+        with torch.no_grad():
+            other = model.predict(model.denoiser, x, t, cond, model.encode(["anything"]), 5.0)
+        assert torch.equal(guided, other) and not torch.equal(guided, cond_only)
+    else:  # CFG as one batched call equals the two separate calls combined
+        torch.testing.assert_close(guided, uncond_only + 5.0 * (cond_only - uncond_only), rtol=1e-4, atol=1e-5)
     assert images.shape == (3, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     trainable = model.trainable_parameters()
     assert trainable and all(p.dtype == torch.float32 for p in trainable)

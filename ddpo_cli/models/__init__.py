@@ -23,12 +23,13 @@ from packaging.version import Version
 from ..errors import UserError
 from .base import ModelFamily, adapters_disabled, set_lora_scale
 from .conditioning import Conditioning
+from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .tiny import materialise_tiny
 
-FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
+FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3, "flux": Flux}
 # from_pretrained's precision argument: `dtype` from diffusers 0.40 (`torch_dtype` then warns), `torch_dtype` before
 DTYPE_ARGUMENT = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -107,9 +108,9 @@ def load_pipeline(cls: type[ModelFamily], path: str, model_cfg: DictConfig, dtyp
     if not local and model_cfg.builder is None:
         check_hub_reachable(path, model_cfg.revision)
     try:
+        kwargs = {DTYPE_ARGUMENT: dtype, **absent_components(Path(path).expanduser()), **cls.load_kwargs}
         pipe = cls.pipeline_class.from_pretrained(path, revision=model_cfg.revision, variant=model_cfg.variant,
-                                                  **{DTYPE_ARGUMENT: dtype, **absent_components(Path(path).expanduser()),
-                                                     **cls.load_kwargs})
+                                                  **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if local else "hub model"
         first = " ".join(str(exc).split())[:200]

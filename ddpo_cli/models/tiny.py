@@ -14,13 +14,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5TokenizerFast)
 
 from ..errors import UserError
 
@@ -138,7 +140,42 @@ def build_tiny_sd3(spec: DictConfig) -> StableDiffusion3Pipeline:
                                     scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
 
 
-TINY_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A character-level T5 tokenizer (Unigram over printable ASCII and '▁', then ``</s>``), built in code."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(i), -1.0) for i in range(33, 127)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux(spec: DictConfig) -> FluxPipeline:
+    """A randomly initialised FLUX.1-dev-shaped pipeline: a FluxTransformer2DModel (``transformer_layers`` double and
+    as many single blocks) over 2x2-packed latents with a guidance embedding, a CLIP text encoder (pooled) and a
+    small T5 encoder with a character tokenizer, a VAE with a shift factor, FLUX's dynamically shifted schedule."""
+    inner_head = spec.attention_head_dim
+    torch.manual_seed(spec.seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=spec.transformer_layers, num_single_layers=spec.transformer_layers,
+        attention_head_dim=inner_head, num_attention_heads=spec.attention_heads,
+        joint_attention_dim=spec.text_hidden_size, pooled_projection_dim=spec.text_hidden_size, guidance_embeds=True,
+        axes_dims_rope=(inner_head // 4, inner_head // 4, inner_head // 2))
+    vae = tiny_vae(spec, scaling_factor=1.5, shift_factor=0.1)
+    text_encoder = CLIPTextModel(text_config(spec))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=98, d_model=spec.text_hidden_size, d_kv=8,
+                                             d_ff=2 * spec.text_hidden_size, num_layers=2, num_heads=4,
+                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+                        text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer(), scheduler=scheduler,
+                        image_encoder=None, feature_extractor=None)
+
+
+TINY_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
 def portable_text_encoders(folder: Path) -> None:
@@ -150,8 +187,9 @@ def portable_text_encoders(folder: Path) -> None:
     """
     for encoder in sorted(folder.glob("text_encoder*")):
         weights_file = encoder / "model.safetensors"
-        if not weights_file.exists():
-            continue
+        config = encoder / "config.json"
+        if not weights_file.exists() or not json.loads(config.read_text()).get("model_type", "").startswith("clip"):
+            continue  # only CLIP text encoders changed layout (not T5)
         with safe_open(weights_file, "pt") as handle:
             metadata = handle.metadata() or {"format": "pt"}
         weights = load_file(weights_file)

@@ -139,6 +139,7 @@ class FlowSampler:
 
     def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor,
                          t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flow-matching forward process at ``t = 1000 s``: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``."""
+        """The flow-matching forward process at ``t = 1000 s``: ``x_s = (1 - s) x0 + s noise``, target
+        ``noise - x0``."""
         s = _expand(t.float() / self.num_train_timesteps, x0)
         return (1 - s) * x0 + s * noise, noise - x0
