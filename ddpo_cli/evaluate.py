@@ -28,7 +28,7 @@ from .config import build
 from .errors import UserError
 from .runs import epoch_of, resolve_checkpoints
 from .sample import ImageSampler, ImageSpec, build_reward, plan_images, score
-from .sample_config import apply_run_defaults, extra_rewards, user_config_dir
+from .sample_config import apply_run_defaults, extra_rewards, override_keys, user_config_dir
 from .stats import fmt, mean_se, significant
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
@@ -264,11 +264,25 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FLOW_SDES = ("flow_sde", "dance_sde", "flow_cps")
+
+
+def with_ode_for_flow_runs(cfg: DictConfig, chosen: list[str]) -> DictConfig:
+    """A flow run trained with an SDE is evaluated with the deterministic ODE (the model's own sampler at inference)
+    unless the sampler was chosen on the command line: the comparison then has no step noise at all."""
+    if cfg.sampler.name in FLOW_SDES and not {"sampler", "sampler.name"} & set(chosen):
+        cfg = cfg.copy()
+        cfg.sampler.name = "flow_ode"
+    return cfg
+
+
 def eval_task(cfg: DictConfig) -> None:
     """Hydra task of ``ddpo eval run=...``: merge the run's settings, save the effective config, evaluate."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    cfg = apply_run_defaults(cfg, list(hydra_cfg.overrides.task), ("model", "sampler", "prompts", "reward"))
+    overrides = list(hydra_cfg.overrides.task)
+    cfg = apply_run_defaults(cfg, overrides, ("model", "sampler", "prompts", "reward"))
+    cfg = with_ode_for_flow_runs(cfg, override_keys(overrides))
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml")
     summary = evaluate_run(cfg, out_dir, user_config_dir())

@@ -228,3 +228,11 @@ def test_every_algorithm_runs_on_flux_and_its_lora_loads_in_plain_diffusers(flux
     load_lora_plainly(plain, run / "checkpoints" / "epoch_0000")
     for row, ours in sampled(out):
         assert np.abs(ours - diffusers_image(plain, row["prompt"], row["seed"], 4, 3.5)).max() <= ONE_LEVEL, row
+
+
+def test_a_flow_run_is_evaluated_with_the_ode(sd3_sweep, tmp_path):
+    run = next(job for job in sorted(sd3_sweep.glob("job_*"))
+               if "algo=ddpo_is" in (job / ".hydra" / "overrides.yaml").read_text())
+    ok(run_cli("eval", f"run={run}", "n=2", "num_prompts=1", "threads=2", f"hydra.run.dir={tmp_path / 'eval'}"))
+    summary = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert summary["sampler"]["name"] == "flow_ode" and [m["name"] for m in summary["models"]] == ["base", "epoch_0000"]
