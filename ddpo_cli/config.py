@@ -73,6 +73,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
     resolution: Optional[int] = None  # image side in pixels; None = the model's native size
+    max_sequence_length: Optional[int] = None  # SD3 / FLUX: T5 tokens per prompt (zeros without a T5); None = the
+    # pipeline's default (SD3 256, FLUX 512)
 
 
 @dataclass

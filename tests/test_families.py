@@ -55,9 +55,9 @@ def diffusers_image(pipe, prompt: str, seed: int, steps: int, guidance: float) -
     channels = pipe.vae.config.latent_channels
     size = 32 // pipe.vae_scale_factor if flux else denoiser.config.sample_size  # the tiny models draw 32 px
     latents = torch.randn((channels, size, size), generator=torch.Generator().manual_seed(seed))[None]
-    extra = {} if flow else {"eta": 0.0}
+    extra = {"max_sequence_length": 16} if flow else {"eta": 0.0}  # as conf/model/tiny_sd3.yaml, tiny_flux.yaml
     if flux:  # FluxPipeline takes packed latents and the image size
-        latents, extra = pack(latents), {"height": 32, "width": 32}
+        latents, extra = pack(latents), {**extra, "height": 32, "width": 32}
     with torch.no_grad():
         image = pipe(prompt, latents=latents, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                      **extra).images[0]

@@ -37,8 +37,11 @@ class ModelFamily:
     pipeline_class = None          # the diffusers pipeline class that loads the folder and reads its LoRA files
     denoiser_name: str = "unet"    # the pipeline component that is trained (unet | transformer)
 
-    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None) -> None:
+    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
+                 max_sequence_length: int | None = None) -> None:
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
+        if max_sequence_length is not None:
+            self.max_sequence_length = max_sequence_length  # T5 tokens of the flow families
         self.resolution = resolution or self.native_resolution()
         if self.resolution % self.vae_scale_factor:
             raise UserError(f"model.resolution={self.resolution} is not a multiple of the VAE factor "
