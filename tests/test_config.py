@@ -17,7 +17,7 @@ NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompt
          **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},
          ("sampler", "flow_ode"): ["model=tiny_sd3", "algo=draft", "reward=clip_score"],
          **{("model", name): ["sampler=flow_sde"] for name in ("sd3", "sd35_medium", "tiny_sd3", "flux_dev",
-                                                              "flux_schnell", "tiny_flux")}}
+                                                              "flux_schnell", "tiny_flux", "tiny_shapes_flow")}}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
