@@ -132,6 +132,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class PairedConfig:
+    """The paired measure (ddpo_cli/probe.py): policy vs base model on fixed prompts and noise, during the run."""
+    every: int = 0                # epochs between measurements of the policy (0 = off); the base is scored once
+    images: int = 64              # fixed (prompt, noise) pairs per prompt set; prompts cycle through the set
+    heldout: Optional[str] = None  # a prompts option (conf/prompts) measured too, e.g. shapes_heldout: does the
+    # gain carry over to prompts the run never trains on?
+    metric: str = "reward"        # the headline of the curve and the end summary: reward or a reward-info key
+    # (shapes_counting: exact = exact-count accuracy)
+
+
+@dataclass
 class LogConfig:
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     project: str = "ddpo-cli"
@@ -140,6 +151,7 @@ class LogConfig:
     async_reward: bool = True
     reward_worker_threads: int = 1  # torch CPU threads of the async reward thread (a full team slows training)
     kl_to_base_every: int = 1     # epochs between KL-to-base measurements (0 = never); ~2 extra denoiser calls each
+    paired: PairedConfig = field(default_factory=PairedConfig)
 
 
 @dataclass
@@ -214,7 +226,7 @@ def group_option(group: str, name: str, config_dir: Path | None = None) -> DictC
     """The config of option ``name`` of ``group`` (e.g. a reward named on the command line), looked up like
     ``group=name`` would be: the built-in tree first, then the user's ``-cd`` folder."""
     try:
-        return compose("eval", [f"{group}={name}"], config_dir)[group]
+        return compose("train", [f"{group}={name}"], config_dir)[group]
     except UserError:
         known = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
         raise UserError(f"unknown {group} '{name}': choose one of {', '.join(known)} (or give a _target_ node)") \
@@ -300,6 +312,7 @@ class RunPlan:
     prompts: Any
     resume: Optional[Path]
     warnings: list[str] = field(default_factory=list)  # settings that run but deserve a word at start-up
+    heldout: Any = None           # the prompt set of log.paired.heldout, if any
 
 
 def _require(ok: bool, message: str) -> None:
@@ -353,6 +366,10 @@ def check_values(cfg: DictConfig) -> None:
              f"advantage.buffer_size={a.buffer_size}, advantage.min_count={a.min_count}: need buffer_size >= 1 and "
              f"min_count >= 0")
     _require(cfg.threads is None or cfg.threads >= 1, f"threads={cfg.threads}: use >= 1, or null for torch's default")
+    paired = cfg.log.paired
+    _require(paired.every >= 0 and paired.images >= 1,
+             f"log.paired.every={paired.every}, log.paired.images={paired.images}: need every >= 0 (0 = off) and "
+             f"images >= 1")
     _require(cfg.log.grid_images >= 1, f"log.grid_images={cfg.log.grid_images}: use >= 1 (raise log.image_every to "
                                        f"draw grids less often)")
     check_name(str(cfg.run_name), "run_name")
@@ -432,7 +449,9 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
              f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not "
              f"{algorithm.name}")
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
-    return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts))
+    heldout_name = cfg.log.paired.heldout
+    heldout = build(group_option("prompts", heldout_name), "prompts") if heldout_name else None
+    return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts), heldout)
 
 
 def validate(cfg: DictConfig) -> RunPlan:

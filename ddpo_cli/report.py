@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -93,8 +94,32 @@ def _wrap(text: str, width_px: int, char_px: int = 6) -> list[str]:
     return lines + ([current] if current else [])
 
 
-def plot_reward_curve(run_dir: Path, path: Path | None = None) -> Path | None:
-    """reward_mean +- std per epoch from metrics.jsonl -> reward_curve.png."""
+def smoothed(values, window: int = 5) -> np.ndarray:
+    """Trailing moving average over up to ``window`` values (the first points average what exists so far)."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def paired_series(rows: list[dict], metric: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per probe set: the epochs measured and the base, policy, gain and gain_se of ``metric`` there."""
+    series: dict[str, dict[str, list]] = {}
+    for row in rows:
+        for name, keys in row.get("paired", {}).items():
+            if metric in keys:
+                entry = series.setdefault(name, {"epoch": [], "base": [], "policy": [], "gain": [], "gain_se": []})
+                entry["epoch"].append(row["epoch"])
+                for field in ("base", "policy", "gain", "gain_se"):
+                    entry[field].append(keys[metric][field])
+    return {name: {k: np.asarray(v, dtype=np.float64) for k, v in entry.items()} for name, entry in series.items()}
+
+
+def plot_reward_curve(run_dir: Path, path: Path | None = None, metric: str = "reward") -> Path | None:
+    """reward_curve.png from metrics.jsonl: each epoch's reward (its own fresh noise; the band is +- std) with a
+    5-epoch moving average, and, when the run measures it (``log.paired``), ``metric`` of the policy against the base
+    model on the same fixed prompts and noise (the band is +- the paired gain's standard error)."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
@@ -103,15 +128,34 @@ def plot_reward_curve(run_dir: Path, path: Path | None = None) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paired = paired_series(rows, metric)
     epochs = np.array([r["epoch"] for r in rows])
     mean = np.array([r["reward_mean"] for r in rows])
     std = np.array([r["reward_std"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, mean, marker="o", markersize=3)
-    ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(epochs, mean, marker="o", markersize=2.5, linewidth=0.8, alpha=0.5, label="each epoch (fresh noise)")
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.12)
+    ax.plot(epochs, smoothed(mean), linewidth=2, label="moving average (5 epochs)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward (mean +- std)")
+    ax.set_title("training batches", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
+    if paired:
+        ax = axes[0][1]
+        for (name, entry), colour in zip(paired.items(), ("tab:blue", "tab:green", "tab:purple")):
+            se = entry["gain_se"]
+            ax.plot(entry["epoch"], entry["policy"], marker="o", markersize=3, color=colour,
+                    label=f"{name} prompts: policy")
+            ax.fill_between(entry["epoch"], entry["policy"] - se, entry["policy"] + se, color=colour, alpha=0.15)
+            ax.axhline(entry["base"][0], color=colour, linestyle="--", linewidth=1,
+                       label=f"{name} prompts: base model")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title("policy vs base: same fixed prompts and noise (band: paired s.e.)", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = path or Path(run_dir) / "reward_curve.png"
     fig.savefig(path, dpi=100)
@@ -140,13 +184,55 @@ def epoch_progress(console, enabled: bool):
                     TimeRemainingColumn(), console=console, disable=not (console.is_terminal and enabled))
 
 
-def epoch_line(row: dict) -> str:
-    """One console line per epoch: reward, the update's diagnostics, where the time went."""
+def epoch_line(row: dict, metric: str = "reward") -> str:
+    """One console line per epoch: reward, the paired measure when taken, the update's diagnostics, the time."""
     shown = [f"{key} {row[key]:.3g}" for key in ("loss", "approx_kl", "clipfrac", "kl_to_base", "kl_penalty")
              if isinstance(row.get(key), float)]
+    paired = [f"{name} {keys[metric]['base']:.3g} -> {keys[metric]['policy']:.3g}"
+              for name, keys in row.get("paired", {}).items() if metric in keys]
+    paired = [f"paired {metric}: {', '.join(paired)}"] if paired else []
+    probe_time = f", paired {row['paired_seconds']:.1f}" if "paired_seconds" in row else ""
     return (f"epoch {row['epoch']:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
-            f"{' | '.join(shown)} | {row['epoch_seconds']:.1f}s (sample {row['sample_seconds']:.1f}, "
-            f"reward wait {row['reward_seconds']:.1f}, train {row['train_seconds']:.1f})")
+            f"{' | '.join(paired + shown)} | {row['epoch_seconds']:.1f}s (sample {row['sample_seconds']:.1f}, "
+            f"reward wait {row['reward_seconds']:.1f}, train {row['train_seconds']:.1f}{probe_time})")
+
+
+def tracker_values(row: dict) -> dict[str, float]:
+    """A metrics row as flat numbers for TensorBoard / W&B (``paired/<set>/<key>/<base|policy|gain|gain_se>``)."""
+    values = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    for name, keys in row.get("paired", {}).items():
+        for key, fields in keys.items():
+            values.update({f"paired/{name}/{key}/{field}": v for field, v in fields.items()})
+    return values
+
+
+def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = None) -> str:
+    """What the run did and what to run next: the paired measure (base -> last, paired gain +- standard error) when
+    taken, where the outputs are, and the exact ``ddpo eval`` / ``ddpo sample`` commands."""
+    rows = read_metrics(run_dir)
+    run = escape(str(run_dir))
+    lines = ["", f"[bold]done:[/] {len(rows)} epochs in {run}"]
+    last_paired = next((row for row in reversed(rows) if "paired" in row), None)
+    if last_paired is not None:
+        lines.append(f"[bold]paired {metric}[/] (the same fixed prompts and noise; base = the model before training, "
+                     f"epoch {last_paired['epoch']}):")
+        for name, keys in last_paired["paired"].items():
+            if metric in keys:
+                k = keys[metric]
+                lines.append(f"  {name + ' prompts:':<20} base {k['base']:.4g} -> {k['policy']:.4g}   "
+                             f"gain {k['gain']:+.4g} ± {k['gain_se']:.2g} (paired s.e.)")
+    elif rows:
+        first, last = rows[: min(5, len(rows))], rows[-min(5, len(rows)):]
+        lines.append(f"reward of the training batches (fresh noise each epoch): first epochs "
+                     f"{np.mean([r['reward_mean'] for r in first]):.4g}, last epochs "
+                     f"{np.mean([r['reward_mean'] for r in last]):.4g} (log.paired.every>0 measures a paired gain)")
+    lines += [f"  curve:        {Path(run) / 'reward_curve.png'}",
+              f"  grids:        {Path(run) / 'images'}",
+              f"  checkpoints:  {Path(run) / 'checkpoints'}   (LoRA: pipe.load_lora_weights(<checkpoint>))",
+              "next:",
+              f"  ddpo eval run={run}" + (f"\n  ddpo eval run={run} prompts={heldout}" if heldout else ""),
+              f"  ddpo sample run={run} n=4"]
+    return "\n".join(lines)
 
 
 def startup_table(title: str, rows: list[tuple[str, str]]):

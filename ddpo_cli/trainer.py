@@ -27,7 +27,9 @@ from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .config import RunPlan, plan_run
 from .guards import check_gradient, check_rewards, check_weights
+from .errors import UserError
 from .models import adapters_disabled, load_model, resolve_model_path
+from .probe import Probe, paired_gain, plan_probe, probe_images, probe_scores
 from .runs import lock_run, supersede_after
 from .rollout import EpochSamples, Trajectory, denoising_errors, generator_noise, kl_to_base, policy_step, run_chain
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
@@ -87,6 +89,49 @@ class Trainer:
             console.print(report.startup_table("ddpo train", self.startup_rows()))
             for warning in plan.warnings:
                 console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        self.probes, self.probe_base = self.setup_paired(plan)
+
+    def setup_paired(self, plan: RunPlan) -> tuple[list[Probe], dict]:
+        """The probes of ``log.paired`` (main process only) and the base model's scores on them: with LoRA the
+        adapter switched off; with full fine-tuning the weights at the start of a fresh run."""
+        paired = self.cfg.log.paired
+        if not paired.every or not self.accelerator.is_main_process:
+            return [], {}
+        if not self.cfg.model.use_lora and self.start_epoch > 0:
+            console.print("[yellow]warning:[/] log.paired is off for this resumed full fine-tuning run: the base "
+                          "weights are gone (LoRA runs keep them)", highlight=False)
+            return [], {}
+        sets = [("trained", self.prompt_set)] + ([("held-out", plan.heldout)] if plan.heldout is not None else [])
+        probes = [plan_probe(name, prompt_set, paired.images, self.cfg.seed) for name, prompt_set in sets]
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        with adapters_disabled(denoiser) if self.cfg.model.use_lora else nullcontext():
+            base = {probe.name: self.probe_scores(probe) for probe in probes}
+        keys = sorted(next(iter(base.values())))
+        if paired.metric not in keys:
+            raise UserError(f"log.paired.metric={paired.metric!r}: reward {self.reward_fn.name} reports "
+                            f"{', '.join(keys)}; choose one of them")
+        return probes, base
+
+    def probe_scores(self, probe: Probe) -> dict[str, np.ndarray]:
+        """The current weights' per-image scores on ``probe`` (the training sampler, fixed per-image noise)."""
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        was_training = denoiser.training
+        denoiser.eval()
+        with self.accelerator.autocast():
+            images = probe_images(self.model, self.sampler, denoiser, probe, self.cfg.sampler.guidance_scale,
+                                  self.cfg.sampler.batch_size, self.device)
+        denoiser.train(was_training)
+        return probe_scores(self.reward_fn, images, probe, self.cfg.sampler.batch_size)
+
+    def paired_row(self, epoch: int) -> dict:
+        """``{"paired": {set: {key: base, policy, gain, gain_se}}, "paired_seconds"}`` on the epochs of
+        ``log.paired.every`` and the last epoch; empty otherwise."""
+        every, last = self.cfg.log.paired.every, epoch == self.cfg.train.num_epochs - 1
+        if not self.probes or not (last or (epoch + 1) % every == 0):
+            return {}
+        start = time.perf_counter()
+        paired = {p.name: paired_gain(self.probe_scores(p), self.probe_base[p.name]) for p in self.probes}
+        return {"paired": paired, "paired_seconds": time.perf_counter() - start}
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -107,10 +152,14 @@ class Trainer:
             task = progress.add_task("training", total=cfg.train.num_epochs, completed=self.start_epoch)
             for epoch in range(self.start_epoch, cfg.train.num_epochs):
                 row, samples = self.run_epoch(epoch)
+                row.update(self.paired_row(epoch))
                 self.log_epoch(epoch, row, samples)
                 if epoch == cfg.train.num_epochs - 1 or (epoch + 1) % cfg.checkpoint.every == 0:
                     self.save_checkpoint(epoch)
                 progress.update(task, advance=1, description=f"reward {row['reward_mean']:.4g}")
+        if self.accelerator.is_main_process:
+            console.print(report.run_summary(self.run_dir, self.cfg.log.paired.metric,
+                                             self.cfg.log.paired.heldout), highlight=False)
 
     def run_epoch(self, epoch: int) -> tuple[dict, EpochSamples]:
         """One epoch of the chosen algorithm; returns the metrics row for metrics.jsonl and the samples."""
@@ -351,15 +400,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ outputs
     def log_epoch(self, epoch: int, row: dict, samples: EpochSamples) -> None:
         if self.cfg.log.tracker != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+            self.accelerator.log(report.tracker_values(row), step=epoch)
         if not self.accelerator.is_main_process:
             return
         report.append_metrics(self.run_dir, row)
         if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1:
-            report.plot_reward_curve(self.run_dir)
+            report.plot_reward_curve(self.run_dir, metric=self.cfg.log.paired.metric)
             report.epoch_grid(samples.images, samples.prompts, samples.rewards.tolist()).save(
                 self.run_dir / "images" / f"epoch_{epoch:04d}.png")
-        console.print(report.epoch_line(row), highlight=False)
+        console.print(report.epoch_line(row, self.cfg.log.paired.metric), highlight=False)
 
     def save_checkpoint(self, epoch: int) -> Path:
         check_weights(self.params, epoch)

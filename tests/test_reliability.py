@@ -270,6 +270,8 @@ BAD_VALUES = [
     (["sampler.guidance_scale=-5"], "sampler.guidance_scale=-5"),
     (["device=tpu"], "device='tpu'"),
     (["sampler.eta=1.5"], "sampler.eta=1.5"),
+    (["log.paired.every=-1"], "log.paired.every=-1"),
+    (["log.paired.every=1", "log.paired.heldout=no_such_set"], "unknown prompts 'no_such_set'"),
     (["train.cfg=false"], "train.cfg=false"),
     (["model.lora.dropout=0.1"], "model.lora.dropout=0.1"),
     (["model.lora.dropout=2"], "model.lora.dropout=2"),

@@ -1,0 +1,77 @@
+"""The paired measure of a training run: the policy and the base model scored on the same fixed prompts and noise.
+
+Each epoch's reward is measured on fresh noise, so it is noisy and a gain hides in it. A *probe* is a fixed list of
+(prompt, seed) pairs: image ``i`` starts from the noise of ``derive_seed(seed, "probe", name, i)`` and draws every
+stochastic step's noise from that same generator (as ``ddpo sample`` does), so the base model (LoRA off) and the
+policy of any epoch draw from exactly the same noise, and their per-image difference is a paired gain whose
+standard error is small. The base is scored once per run; the policy every ``log.paired.every`` epochs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .rollout import per_image_noise, run_chain
+from .runtime import derive_seed
+from .stats import mean_se
+
+
+@dataclass
+class Probe:
+    """Fixed (prompt, metadata, seed) triples; prompts cycle through the set so each gets an equal share."""
+
+    name: str
+    prompts: list[str]
+    metadata: list[dict]
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def plan_probe(name: str, prompt_set, images: int, seed: int) -> Probe:
+    """``images`` pairs: item ``i % len(set)`` of the prompt set with seed ``derive_seed(seed, "probe", name, i)``."""
+    items = [prompt_set.items[i % len(prompt_set)] for i in range(images)]
+    return Probe(name, [p for p, _ in items], [dict(m) for _, m in items],
+                 [derive_seed(seed, "probe", name, i) for i in range(images)])
+
+
+@torch.no_grad()
+def probe_images(model, sampler, denoiser, probe: Probe, guidance: float, batch_size: int,
+                 device) -> torch.Tensor:
+    """Images ``[N,3,H,W]`` (CPU) of the probe's pairs, one generator per image, in batches of ``batch_size``."""
+    out = []
+    for first in range(0, len(probe), batch_size):
+        seeds = probe.seeds[first:first + batch_size]
+        noise = per_image_noise(model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds], device)
+        final, _ = run_chain(model, sampler, denoiser, noise(), model.encode(probe.prompts[first:first + batch_size]),
+                             guidance, noise)
+        out.append(model.decode(final).cpu())
+    return torch.cat(out)
+
+
+def probe_scores(reward_fn, images: torch.Tensor, probe: Probe, batch_size: int) -> dict[str, np.ndarray]:
+    """Per-image ``reward`` and every numeric reward-info key, as float arrays ``[N]``."""
+    columns: dict[str, list] = {"reward": []}
+    for first in range(0, len(probe), batch_size):
+        rewards, info = reward_fn(images[first:first + batch_size].to(reward_fn.device),
+                                  probe.prompts[first:first + batch_size],
+                                  [dict(m) for m in probe.metadata[first:first + batch_size]])
+        columns["reward"] += rewards.detach().float().cpu().tolist()
+        for key, values in info.items():
+            values = values.tolist() if torch.is_tensor(values) else list(values)
+            if all(isinstance(v, (bool, int, float)) for v in values):
+                columns.setdefault(key, []).extend(float(v) for v in values)
+    return {key: np.asarray(values, dtype=np.float64) for key, values in columns.items()}
+
+
+def paired_gain(policy: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict[str, dict]:
+    """For every key of both: base mean, policy mean, and the paired gain's mean and standard error."""
+    out = {}
+    for key in policy.keys() & base.keys():
+        gain = mean_se(policy[key] - base[key])
+        out[key] = {"base": float(np.nanmean(base[key])), "policy": float(np.nanmean(policy[key])),
+                    "gain": gain["mean"], "gain_se": gain["se"]}
+    return out

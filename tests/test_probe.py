@@ -1,0 +1,90 @@
+"""The paired measure (ddpo_cli/probe.py, log.paired): fixed prompts and noise, policy against base; the reward curve's
+moving average; the end-of-run summary."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo_cli.config import compose
+from ddpo_cli.probe import paired_gain, plan_probe, probe_images
+from ddpo_cli.prompts import from_list
+from ddpo_cli.report import paired_series, run_summary, smoothed
+from ddpo_cli.trainer import Trainer
+
+
+def test_a_probe_cycles_through_the_prompts_with_seeds_that_depend_only_on_its_name_and_index():
+    probe = plan_probe("trained", from_list(["a", "b", "c"]), 7, seed=3)
+    assert probe.prompts == ["a", "b", "c", "a", "b", "c", "a"]
+    assert len(set(probe.seeds)) == 7
+    assert plan_probe("trained", from_list(["x"]), 4, seed=3).seeds == probe.seeds[:4]
+    assert plan_probe("held-out", from_list(["a"]), 4, seed=3).seeds != probe.seeds[:4]
+
+
+def test_paired_gain_by_hand():
+    base = {"reward": np.array([1.0, 2.0, 3.0, 4.0]), "exact": np.array([0.0, 1.0, 0.0, 0.0])}
+    policy = {"reward": np.array([2.0, 2.0, 5.0, 4.0]), "exact": np.array([1.0, 1.0, 1.0, 0.0]), "other": np.ones(4)}
+    out = paired_gain(policy, base)
+    assert set(out) == {"reward", "exact"}
+    # reward differences 1, 0, 2, 0: mean 0.75, sample std sqrt(0.9167) = 0.9574, s.e. 0.4787
+    assert out["reward"]["base"] == 2.5 and out["reward"]["policy"] == 3.25
+    assert out["reward"]["gain"] == pytest.approx(0.75) and out["reward"]["gain_se"] == pytest.approx(0.47871, 1e-4)
+    assert out["exact"]["gain"] == pytest.approx(0.5)
+
+
+def test_moving_average_by_hand():
+    np.testing.assert_allclose(smoothed([1, 2, 3, 4, 5, 6], window=3), [1, 1.5, 2, 3, 4, 5])
+    np.testing.assert_allclose(smoothed([2.0], window=5), [2.0])
+
+
+def test_summary_names_the_paired_gain_the_outputs_and_the_next_commands(tmp_path):
+    rows = [{"epoch": 0, "reward_mean": 0.5, "reward_std": 0.1},
+            {"epoch": 1, "reward_mean": 0.6, "reward_std": 0.1,
+             "paired": {"trained": {"exact": {"base": 0.5, "policy": 0.7, "gain": 0.2, "gain_se": 0.05}},
+                        "held-out": {"exact": {"base": 0.6, "policy": 0.61, "gain": 0.01, "gain_se": 0.02}}}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    text = run_summary(tmp_path, "exact", "shapes_heldout")
+    assert "base 0.5 -> 0.7   gain +0.2 ± 0.05" in text and "base 0.6 -> 0.61" in text
+    assert f"ddpo eval run={tmp_path}\n" in text and f"ddpo eval run={tmp_path} prompts=shapes_heldout" in text
+    assert f"ddpo sample run={tmp_path} n=4" in text
+    series = paired_series(rows, "exact")
+    assert list(series["trained"]["epoch"]) == [1] and list(series["held-out"]["policy"]) == [0.61]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, cache_dir):
+    cfg = compose("train", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2", "log.tracker=none",
+                            "threads=2", "log.paired.every=1", "log.paired.images=3",
+                            "log.paired.heldout=simple_animals"])
+    trainer = Trainer(cfg, tmp_path_factory.mktemp("run"))
+    trainer.setup()
+    yield trainer
+    trainer.cleanup()
+
+
+def test_the_policy_before_any_update_scores_exactly_the_base(trainer):
+    # LoRA starts at B = 0: with the adapter on, the same prompts and noise must give the base's very numbers, on
+    # both prompt sets; a pairing or seeding mistake shows here as a non-zero gain
+    assert [p.name for p in trainer.probes] == ["trained", "held-out"]
+    for probe in trainer.probes:
+        for key, values in trainer.probe_scores(probe).items():
+            np.testing.assert_array_equal(values, trainer.probe_base[probe.name][key])
+    assert trainer.paired_row(0)["paired"]["trained"]["reward"]["gain"] == 0.0
+
+
+def test_an_image_of_a_probe_does_not_depend_on_its_batch(trainer):
+    probe, denoiser = trainer.probes[0], trainer.accelerator.unwrap_model(trainer.denoiser)
+    args = (trainer.model, trainer.sampler, denoiser, probe, trainer.cfg.sampler.guidance_scale)
+    one, three = probe_images(*args, 1, trainer.device), probe_images(*args, 3, trainer.device)
+    torch.testing.assert_close(one, three, atol=2e-6, rtol=0)
+
+
+def test_a_paired_metric_the_reward_does_not_report_is_named_in_one_line(tmp_path, cache_dir):
+    from conftest import run_cli
+
+    result = run_cli("train", "model=tiny", "sampler.num_steps=2", "sampler.batch_size=2", "log.tracker=none",
+                     "log.paired.every=1", "log.paired.images=2", "log.paired.metric=exact",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[-1].startswith("error: log.paired.metric='exact'") and "choose one of them" in lines[-1], lines[-1]
