@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 LAYERS = [
     {"__main__", "cli"},
     {"sample", "evaluate", "sweep", "trainer"},
-    {"sample_config", "checkpoint", "rollout", "report", "guards"},
+    {"sample_config", "checkpoint", "probe", "rollout", "report", "guards"},
     {"config"},
     {"algorithms", "rewards", "prompts", "advantages", "toyworld"},
     {"models", "samplers"},
