@@ -4,10 +4,13 @@
     python scripts/benchmark.py                                   # tiny model, 32x32, the reference workload
     python scripts/benchmark.py --resolution 128                  # same work at 128x128
     python scripts/benchmark.py --pipeline path/to/diffusers/folder -- train.timesteps_per_forward=5
+    python scripts/benchmark.py --model tiny_sd3 --resolution 128                 # flow family, Flow-GRPO's SDE
+    python scripts/benchmark.py --model tiny_sd3 -- sampler.sde_window=[0,2]      # only 2 stochastic steps trained
 
 Reference workload (issue 2): UNet channels (32, 64), 2 layers per block, cross-attention 32; 10 DDIM steps;
 4 samples per epoch; train batch 2; every timestep trained; CFG 5 in sampling and training; LoRA r=4; fp32;
-2 threads. Reports per-epoch seconds split into sampling / reward wait / training (epoch 0 is warm-up and is
+2 threads. A flow model (--model tiny_sd3, tiny_flux, tiny_shapes_flow) samples with Flow-GRPO's SDE
+(sampler=flow_sde) unless the overrides choose another flow sampler. Reports per-epoch seconds split into sampling / reward wait / training (epoch 0 is warm-up and is
 reported separately), samples per second, UNet calls and UNet batch items per second, and peak memory.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddpo_cli.config import compose  # noqa: E402
+from ddpo_cli.models import family_class  # noqa: E402
 from ddpo_cli.report import read_metrics  # noqa: E402
 from ddpo_cli.trainer import Trainer  # noqa: E402
 
@@ -52,6 +56,8 @@ class UNetCounter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", help="diffusers pipeline folder (default: the tiny model built in code)")
+    parser.add_argument("--model", default="tiny", help="a model option when no --pipeline: tiny (SD), tiny_sdxl, "
+                                                        "tiny_sd3, tiny_flux, tiny_shapes, tiny_shapes_flow")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4, help="epochs timed after one warm-up epoch")
     parser.add_argument("--threads", type=int, default=2)
@@ -59,7 +65,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = [f"model.pretrained={args.pipeline}", "model.builder=null", "model.name=custom"] if args.pipeline else \
-        ["model=tiny"]
+        [f"model={args.model}"]
+    if family_class(compose("train", model).model.family).kind == "flow":
+        model.append("sampler=flow_sde")   # before the overrides, which may pick another flow sampler
     cfg = compose("train", [*model, *WORKLOAD, f"model.resolution={args.resolution}", f"threads={args.threads}",
                             f"train.num_epochs={args.epochs + 1}", *args.overrides])
     with tempfile.TemporaryDirectory() as run_dir:
@@ -78,7 +86,8 @@ def main() -> None:
 
     epoch_seconds = mean("epoch_seconds")
     result = {
-        "resolution": args.resolution, "pipeline": args.pipeline or "tiny (built in code)",
+        "resolution": args.resolution, "model": args.pipeline or args.model, "sampler": cfg.sampler.name,
+        "trained_steps_per_sample": trainer.counts.train_timesteps,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(trainer.device),
         "timed_epochs": len(timed), "warmup_epoch_seconds": round(rows[0]["epoch_seconds"], 3),
         "epoch_seconds": round(epoch_seconds, 3), "sample_seconds": round(mean("sample_seconds"), 3),

@@ -161,3 +161,36 @@ def test_shipped_model_loads_offline_and_generates():
     assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
     size_mb = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file()) / 1e6
     assert size_mb < 25
+
+
+FLOW_MODEL = ROOT / "ddpo_cli" / "assets" / "tiny_shapes_flow"
+
+
+def test_shipped_flow_model_draws_what_it_is_asked():
+    # the flow twin (SD3 architecture) through plain StableDiffusion3Pipeline: its own FlowMatchEuler ODE, CFG 4.5.
+    # measured: 16 of 16 right colour, 16 right shape, 16 exactly right (one object each; seed 0)
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(FLOW_MODEL, text_encoder_3=None, tokenizer_3=None,
+                                                    feature_extractor=None, image_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["one red circle", "one blue square", "one green triangle", "one yellow circle"] * 4
+    images = pipe(prompts, num_inference_steps=10, guidance_scale=4.5, output_type="pt", max_sequence_length=8,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (16, 3, 32, 32) and torch.isfinite(images).all()
+    _, info = ShapesCounting()(images, prompts, [metadata(1, p.split()[1], p.split()[2]) for p in prompts])
+    assert sum(info["colour_correct"]) >= 14 and sum(info["exact"]) >= 12, info
+    files = [f for f in FLOW_MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) / 1e6 < 25
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth")], "weights ship as safetensors only"
+
+
+def test_shipped_flow_model_loads_through_the_model_option():
+    from ddpo_cli.config import compose
+    from ddpo_cli.models import load_model
+
+    cfg = compose("train", ["model=tiny_shapes_flow", "sampler=flow_sde"])
+    model = load_model(cfg.model, torch.device("cpu"), torch.float32, lora_seed=0)
+    assert model.family == "sd3" and model.resolution == 32 and model.latent_shape() == (4, 16, 16)
+    cond = model.encode(["two red circles"])
+    assert cond.embeds.shape[1] == 16 + 8   # the CLIP encoders' 16 positions + 8 zero T5 tokens
