@@ -59,12 +59,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def pytest_addoption(parser):
     parser.addoption("--run-learning", action="store_true",
                      help="also run the multi-seed learning checks marked `learning` (minutes each; not in CI)")
+    parser.addoption("--run-claims", action="store_true",
+                     help="run the README's learning claims marked `claims`, each with its control (CI's second "
+                          "step: python -m pytest -q -m claims --run-claims)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-learning"):
-        return
-    skip = pytest.mark.skip(reason="multi-seed learning check: run with --run-learning")
-    for item in items:
-        if "learning" in item.keywords:
-            item.add_marker(skip)
+    opt_in = {"learning": ("--run-learning", "multi-seed learning check"),
+              "claims": ("--run-claims", "a README learning claim with its control")}
+    for marker, (option, what) in opt_in.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: run with {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

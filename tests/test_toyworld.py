@@ -194,3 +194,16 @@ def test_shipped_flow_model_loads_through_the_model_option():
     assert model.family == "sd3" and model.resolution == 32 and model.latent_shape() == (4, 16, 16)
     cond = model.encode(["two red circles"])
     assert cond.embeds.shape[1] == 16 + 8   # the CLIP encoders' 16 positions + 8 zero T5 tokens
+
+
+@pytest.mark.slow
+def test_flow_grpo_on_the_flow_toy_world_runs_as_documented(tmp_path, cache_dir):
+    # the command of issue #13 (one epoch of its 100): Flow-GRPO = ddpo_is + Flow-GRPO's SDE + group advantages
+    from conftest import read_metrics, run_cli
+
+    result = run_cli("train", "model=tiny_shapes_flow", "algo=ddpo_is", "sampler=flow_sde", "advantage.mode=group",
+                     "sampler.group_size=8", "train.num_epochs=1", "log.tracker=none", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = read_metrics(tmp_path)[0]
+    assert row["samples"] == 16 and row["nonfinite_rewards"] == 0
+    assert (tmp_path / "checkpoints" / "epoch_0000" / "pytorch_lora_weights.safetensors").exists()
