@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
 from .runs import find_checkpoint
+from .schedules import SCHEDULES
 
 
 @dataclass
@@ -105,6 +106,8 @@ class TrainConfig:
     timesteps_per_forward: int = 4  # (sample, timestep) pairs batched per denoiser call = batch_size x this
     cfg: bool = True              # train through classifier-free guidance (as sampled)
     lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant | cosine (lr -> 0 over the run's optimizer steps; a function of the
+    # step, so resume is exact). Late updates of a long run then settle instead of drifting.
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-4
@@ -381,6 +384,7 @@ def check_values(cfg: DictConfig) -> None:
         _require(value >= 1, f"{key}={value}: must be >= 1")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction}: must be in (0, 1]")
     _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _require(t.lr_schedule in SCHEDULES, f"train.lr_schedule={t.lr_schedule!r}: choose {' or '.join(SCHEDULES)}")
     _require(t.mixed_precision in ("auto", "no", "fp16", "bf16"),
              f"train.mixed_precision={t.mixed_precision!r}: choose auto, no, fp16 or bf16")
     _require(a.mode in ("per_prompt", "batch", "group"),

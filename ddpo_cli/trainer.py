@@ -35,6 +35,7 @@ from .rollout import EpochSamples, Trajectory, denoising_errors, generator_noise
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
+from .schedules import learning_rate
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
 POLICY_TENSORS = {"log_prob", "mean", "std", "output"}
@@ -183,7 +184,8 @@ class Trainer:
             if every and epoch % every == 0:
                 metrics["kl_to_base"] = self.kl_to_base(samples)
         finite = all_rewards[np.isfinite(all_rewards)]  # all of them unless train.nonfinite_rewards=drop
-        row = {"epoch": epoch, "global_step": self.global_step, "reward_mean": float(finite.mean()),
+        row = {"epoch": epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+               "reward_mean": float(finite.mean()),
                "reward_std": float(finite.std()), **metrics, "samples": int(all_rewards.size),
                "nonfinite_rewards": int(all_rewards.size - finite.size), "epoch_seconds": time.perf_counter() - start,
                **timings, **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
@@ -334,6 +336,10 @@ class Trainer:
     def optimizer_step(self) -> float:
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         check_gradient(grad_norm, self.global_step)
+        t = self.cfg.train
+        lr = learning_rate(t.lr, t.lr_schedule, self.global_step, self.counts.updates_per_epoch * t.num_epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1

@@ -15,7 +15,7 @@ LAYERS = [
     {"config"},
     {"algorithms", "rewards", "prompts", "advantages", "toyworld"},
     {"models", "samplers"},
-    {"runs", "runtime", "stats"},
+    {"runs", "runtime", "schedules", "stats"},
     {"errors"},
 ]
 

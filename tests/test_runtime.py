@@ -107,3 +107,15 @@ def test_a_run_reads_its_config_once(tmp_path, cache_dir):
                      env={"PYTHONPATH": str(tmp_path), "COUNT_FILE": str(count_file)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(count_file.read_text().split()) == ["algorithm", "reward"]
+
+
+def test_learning_rate_schedules_by_hand():
+    from ddpo_cli.schedules import learning_rate
+
+    assert learning_rate(1e-3, "constant", 57, 100) == 1e-3
+    assert learning_rate(1e-3, "cosine", 0, 100) == 1e-3
+    assert learning_rate(1e-3, "cosine", 50, 100) == pytest.approx(5e-4)
+    assert learning_rate(1e-3, "cosine", 25, 100) == pytest.approx(1e-3 * (1 + 2 ** -0.5) / 2)
+    assert learning_rate(1e-3, "cosine", 99, 100) > 0 and learning_rate(1e-3, "cosine", 100, 100) == 0
+    with pytest.raises(ValueError):
+        learning_rate(1e-3, "linear", 0, 10)
