@@ -84,8 +84,9 @@ class SamplerConfig:
     num_steps: int = 50
     eta: float = 1.0              # ddim: 0 = deterministic, 1 = DDPM-like noise
     noise_level: float = 0.7      # flow_sde / dance_sde / flow_cps: the noise of a stochastic step (0 = the ODE)
-    sde_window: Optional[list[int]] = None  # flow samplers: [first, end) step indices that are stochastic (and
-    # trained); the others are ODE steps. null = all (Flow-GRPO); a few steps = MixGRPO / Flow-GRPO-Fast
+    sde_window: Optional[list[int]] = None  # [first, end) step indices that are stochastic (and trained); the
+    # others are deterministic (ODE / DDIM eta 0) steps. null = all (Flow-GRPO, DDPO); a few steps = MixGRPO /
+    # Flow-GRPO-Fast (flow and ddim samplers)
     sde_window_slide_every: int = 0  # > 0: move the SDE window one step later every this many epochs (wrapping)
     guidance_scale: float = 5.0
     batch_size: int = 1           # per device

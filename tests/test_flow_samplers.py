@@ -142,3 +142,18 @@ def test_flow_matching_forward_process_by_hand():
     assert noisy.flatten().tolist() == [0.75 * 2 - 0.25, -1.0] and target.flatten().tolist() == [-3.0, -3.0]
     t = sampler.training_times(1000, "cpu")
     assert 0 <= float(t.min()) and float(t.max()) <= 1000
+
+
+def test_a_ddim_sde_window_makes_only_its_steps_stochastic():
+    # the same window for DDIM: steps outside it are the deterministic DDIM step (eta 0), inside it the eta step
+    from ddpo_cli.samplers.ddim import DDIMSampler
+
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "epsilon"}
+    whole = DDIMSampler(config, 10, 1.0)
+    windowed = DDIMSampler(config, 10, 1.0, sde_window=(0, 3))
+    assert [i for i in range(10) if whole.is_stochastic(i)] == list(range(10))
+    assert [i for i in range(10) if windowed.is_stochastic(i)] == [0, 1, 2]
+    sliding = DDIMSampler(config, 10, 1.0, sde_window=(0, 3), slide_every=2)
+    sliding.set_epoch(4)
+    assert [i for i in range(10) if sliding.is_stochastic(i)] == [2, 3, 4]

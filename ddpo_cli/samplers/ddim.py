@@ -13,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .gaussian import gaussian_log_prob
+from .window import SDEWindow, configured_steps
 
 
 @dataclass
@@ -114,29 +115,37 @@ def ddim_step_with_logprob(
 
 class DDIMSampler:
     """The sampler seam for DDPM-trained families (SD 1.x, SDXL): step ``i`` (0 = noisiest) goes from
-    ``timesteps[i]`` to ``timesteps[i] - step_ratio``; ``eta > 0`` makes every step stochastic, ``eta = 0`` is the
-    deterministic DDIM of inference."""
+    ``timesteps[i]`` to ``timesteps[i] - step_ratio``; ``eta > 0`` makes the steps of ``sde_window`` (default: all)
+    stochastic policy steps, the others take the deterministic DDIM step; ``eta = 0`` is the deterministic DDIM of
+    inference."""
 
     name = "ddim"
     model_kind = "diffusion"
 
-    def __init__(self, scheduler_config: dict, num_steps: int, eta: float, device: torch.device | str = "cpu") -> None:
+    def __init__(self, scheduler_config: dict, num_steps: int, eta: float, device: torch.device | str = "cpu",
+                 sde_window: tuple[int, int] | None = None, slide_every: int = 0) -> None:
         self.schedule = NoiseSchedule.from_scheduler(DDIMScheduler.from_config(scheduler_config), num_steps, device)
         self.eta, self.num_steps = float(eta), num_steps
         self.num_train_timesteps = len(self.schedule.alphas_cumprod)
+        self.window = SDEWindow(num_steps, sde_window, slide_every)
 
     @classmethod
     def from_config(cls, sampler_cfg, model) -> "DDIMSampler":
-        """``sampler_cfg``: conf/sampler/ddim.yaml (num_steps, eta); ``model``: a family (its noise schedule)."""
-        return cls(model.scheduler_config, sampler_cfg.num_steps, sampler_cfg.eta, model.device)
+        """``sampler_cfg``: conf/sampler/ddim.yaml (num_steps, eta, sde_window); ``model``: a family (its noise
+        schedule)."""
+        return cls(model.scheduler_config, sampler_cfg.num_steps, sampler_cfg.eta, model.device,
+                   tuple(sampler_cfg.sde_window) if sampler_cfg.sde_window else None,
+                   sampler_cfg.sde_window_slide_every)
 
     @staticmethod
     def stochastic_steps(sampler_cfg) -> list[int]:
-        """The policy steps a config gives (for checks before any model is loaded): all of them when eta > 0."""
-        return list(range(sampler_cfg.num_steps)) if sampler_cfg.eta > 0 else []
+        """The policy steps a config gives at epoch 0 (for checks before any model is loaded): the SDE window's
+        (default: all) when eta > 0."""
+        return configured_steps(sampler_cfg) if sampler_cfg.eta > 0 else []
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing changes between epochs."""
+        """A sliding SDE window moves."""
+        self.window.set_epoch(epoch)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -148,7 +157,7 @@ class DDIMSampler:
         return self.schedule.timesteps[steps]
 
     def is_stochastic(self, i: int) -> bool:
-        return self.eta > 0
+        return self.eta > 0 and i in self.window
 
     def step_distribution(self, output: torch.Tensor, x_t: torch.Tensor,
                           steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,8 @@ import math
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from .window import SDEWindow, configured_steps
+
 KINDS = ("flow_ode", "flow_sde", "dance_sde", "flow_cps")
 
 
@@ -72,8 +74,7 @@ class FlowSampler:
         self.sigmas = sigmas.to(device=device, dtype=torch.float32)         # [T + 1]
         self.num_steps = len(self.sigmas) - 1
         self.num_train_timesteps = num_train_timesteps
-        self.window = tuple(sde_window) if sde_window is not None else (0, self.num_steps)
-        self.slide_every, self.offset = slide_every, 0
+        self.window = SDEWindow(self.num_steps, sde_window, slide_every)
 
     @classmethod
     def from_config(cls, sampler_cfg, model) -> "FlowSampler":
@@ -89,9 +90,8 @@ class FlowSampler:
         """The policy steps that a config gives at epoch 0 (for checks before any model is loaded)."""
         if sampler_cfg.name == "flow_ode" or sampler_cfg.noise_level <= 0:
             return []
-        first, end = sampler_cfg.sde_window or (0, sampler_cfg.num_steps)
         last = sampler_cfg.num_steps - 1 if sampler_cfg.name == "flow_cps" else sampler_cfg.num_steps
-        return [i for i in range(first, end) if i < last]
+        return [i for i in configured_steps(sampler_cfg) if i < last]
 
     # ------------------------------------------------------------------------------------------ the chain
     @property
@@ -103,17 +103,11 @@ class FlowSampler:
         return self.timesteps[steps]
 
     def set_epoch(self, epoch: int) -> None:
-        """A sliding window: move it one step later every ``slide_every`` epochs (wrapping)."""
-        if self.slide_every:
-            size = self.window[1] - self.window[0]
-            self.offset = (epoch // self.slide_every) % max(1, self.num_steps - size + 1 - self.window[0])
-
-    def active_window(self) -> tuple[int, int]:
-        return self.window[0] + self.offset, self.window[1] + self.offset
+        """A sliding window moves (:class:`~ddpo_cli.samplers.window.SDEWindow`)."""
+        self.window.set_epoch(epoch)
 
     def is_stochastic(self, i: int) -> bool:
-        first, end = self.active_window()
-        if self.kind == "flow_ode" or self.noise_level <= 0 or not first <= i < end:
+        if self.kind == "flow_ode" or self.noise_level <= 0 or i not in self.window:
             return False
         return not (self.kind == "flow_cps" and i == self.num_steps - 1)  # s_next = 0: no noise left
 
