@@ -46,11 +46,13 @@ class UNetCounter:
 
     def __init__(self, unet) -> None:
         self.calls = self.items = 0
-        unet.register_forward_hook(self.hook)
+        unet.register_forward_hook(self.hook, with_kwargs=True)
 
-    def hook(self, module, args, output) -> None:
+    def hook(self, module, args, kwargs, output) -> None:
+        """The batch of the latents input (positional for the UNet, ``hidden_states=`` for the transformers)."""
+        latents = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         self.calls += 1
-        self.items += int(args[0].shape[0])
+        self.items += int(latents.shape[0])
 
 
 def main() -> None:
