@@ -59,8 +59,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def pytest_addoption(parser):
     parser.addoption("--run-learning", action="store_true",
                      help="also run the multi-seed learning checks marked `learning` (minutes each; not in CI)")
-    parser.addoption("--run-isolated", action="store_true",
-                     help="run the tests marked `isolated` (CI runs them in a pytest process of their own)")
     parser.addoption("--run-claims", action="store_true",
                      help="run the README's learning claims marked `claims`, each with its control (CI's second "
                           "step: python -m pytest -q -m claims --run-claims)")
@@ -68,8 +66,7 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     opt_in = {"learning": ("--run-learning", "multi-seed learning check"),
-              "claims": ("--run-claims", "a README learning claim with its control"),
-              "isolated": ("--run-isolated", "run in a pytest process of its own (CI's third step)")}
+              "claims": ("--run-claims", "a README learning claim with its control")}
     for marker, (option, what) in opt_in.items():
         if config.getoption(option):
             continue
