@@ -41,18 +41,18 @@ def load_pipeline(model: str, lora: str | None):
 
 
 @torch.no_grad()
-def evaluate(pipe, prompt_set, n: int, steps: int, guidance: float, eta: float, seed: int, batch: int = 64) -> dict:
-    """Generate ``n`` images per prompt of ``prompt_set`` and summarise detector results (overall and per count)."""
+def evaluate(draw, prompt_set, n: int, seed: int, batch: int = 64) -> dict:
+    """``n`` images per prompt of ``prompt_set``, drawn by ``draw(prompts, generator) -> [b, 3, H, W]`` in [0, 1] (one
+    generator seeded ``seed + start`` per chunk), summarised by the detector (overall and per count)."""
     reward = ShapesCounting().setup("cpu")
     items = [item for item in prompt_set.items for _ in range(n)]
     rows = []
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         prompts, metas = [p for p, _ in chunk], [m for _, m in chunk]
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=eta, output_type="pt",
-                      generator=torch.Generator().manual_seed(seed + start)).images        # [b, 3, 32, 32]
+        images = draw(prompts, torch.Generator().manual_seed(seed + start))
         rewards, info = reward(images, prompts, metas)
-        rows += [{"count": m["count"], "reward": r, **{k: info[k][i] for k in KEYS}}
+        rows += [{"count": m["count"], "reward": r, **{k: float(info[k][i]) for k in KEYS}}
                  for i, (m, r) in enumerate(zip(metas, rewards.tolist()))]
     return {"images": len(rows), **summary(rows),
             "per_count": {str(c): summary([r for r in rows if r["count"] == c])
@@ -83,9 +83,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.lora)
     settings = {k: getattr(args, k) for k in ("model", "lora", "n", "steps", "guidance", "eta", "seed")}
-    result = {"settings": settings,
-              "train": evaluate(pipe, shapes_train(), args.n, args.steps, args.guidance, args.eta, args.seed),
-              "heldout": evaluate(pipe, shapes_heldout(), args.n, args.steps, args.guidance, args.eta, args.seed)}
+
+    def draw(prompts, generator):
+        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+                    output_type="pt", generator=generator).images
+
+    result = {"settings": settings, "train": evaluate(draw, shapes_train(), args.n, args.seed),
+              "heldout": evaluate(draw, shapes_heldout(), args.n, args.seed)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

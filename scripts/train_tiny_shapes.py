@@ -120,20 +120,26 @@ def train_vae(vae, args, state: dict, log) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(vae, args, log) -> dict:
-    """Stage 2: render ``--data`` images and store latent means/stds + token ids; sets the VAE ``scaling_factor``."""
+def rendered_latents(vae, args) -> dict:
+    """``--data`` rendered images (seed ``--seed``) encoded by ``vae``: latent means / stds ``[N, 4, 16, 16]`` and
+    captions, cached in ``--work/latents.pt`` (also used by train_tiny_shapes_flow.py)."""
     cache = Path(args.work) / "latents.pt"
     if cache.exists():
-        data = torch.load(cache)
-    else:
-        images, captions, _ = render_dataset(args.data, seed=args.seed)
-        means, stds = [], []
-        for i in range(0, args.data, 500):
-            posterior = vae.encode(to_tensor(images[i:i + 500])).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-        data = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}   # [N, 4, 16, 16] each
-        torch.save(data, cache)
+        return torch.load(cache)
+    images, captions, _ = render_dataset(args.data, seed=args.seed)
+    means, stds = [], []
+    for i in range(0, args.data, 500):
+        posterior = vae.encode(to_tensor(images[i:i + 500])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    data = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
+    torch.save(data, cache)
+    return data
+
+
+def encode_dataset(vae, args, log) -> dict:
+    """Stage 2: the rendered data's latents (:func:`rendered_latents`); sets the VAE ``scaling_factor``."""
+    data = rendered_latents(vae, args)
     scale = 1.0 / (data["mean"].var() + (data["std"] ** 2).mean()).sqrt().item()
     vae.register_to_config(scaling_factor=scale)
     log({"stage": "encode", "n": len(data["captions"]), "scaling_factor": scale})

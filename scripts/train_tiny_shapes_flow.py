@@ -42,14 +42,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from eval_tiny_shapes import KEYS, evaluate  # noqa: E402
+from train_tiny_shapes import rendered_latents  # noqa: E402
+
 from ddpo_cli.models.tiny import portable_text_encoders  # noqa: E402
 from ddpo_cli.rewards.shapes_counting import ShapesCounting  # noqa: E402
 from ddpo_cli.toyworld.prompts import shapes_heldout, shapes_train  # noqa: E402
-from ddpo_cli.toyworld.render import all_combos, caption, metadata, render_dataset  # noqa: E402
+from ddpo_cli.toyworld.render import all_combos, caption, metadata  # noqa: E402
 
 SOURCE = ROOT / "ddpo_cli" / "assets" / "tiny_shapes"   # VAE, tokenizer and text-encoder init come from here
 MAX_SEQUENCE_LENGTH = 8                                   # zero T5 tokens (conf/model/tiny_shapes_flow.yaml)
-KEYS = ("colour_correct", "shape_correct", "count_correct", "exact")
 
 
 # ----------------------------------------------------------------------------------------------------- components
@@ -84,27 +88,10 @@ def build_pipeline(args):
     return pipe
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 # ----------------------------------------------------------------------------------------------------- stages
-@torch.no_grad()
 def encode_dataset(vae, args, log) -> dict:
-    """Stage 1: render ``--data`` images and store their latent means/stds (cached in ``--work``)."""
-    cache = Path(args.work) / "latents.pt"
-    if cache.exists():
-        data = torch.load(cache)
-    else:
-        images, captions, _ = render_dataset(args.data, seed=args.seed)
-        means, stds = [], []
-        for i in range(0, args.data, 500):
-            posterior = vae.encode(to_tensor(images[i:i + 500])).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-        data = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}   # [N, 4, 16, 16] each
-        torch.save(data, cache)
+    """Stage 1: render ``--data`` images and encode them with the (frozen) tiny_shapes VAE (cached in ``--work``)."""
+    data = rendered_latents(vae, args)
     log({"stage": "encode", "n": len(data["captions"]), "scaling_factor": vae.config.scaling_factor})
     return data
 
@@ -228,32 +215,6 @@ def quick_eval(pipe, per_combo: int, guidance: float = 4.5) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(pipe, prompt_set, n: int, guidance: float, seed: int, batch: int = 64) -> dict:
-    """``n`` images per prompt (Euler ODE, 20 steps) -> detector accuracies and reward, overall and per count."""
-    reward = ShapesCounting().setup("cpu")
-    items = [item for item in prompt_set.items for _ in range(n)]
-    rows = []
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        prompts, metas = [p for p, _ in chunk], [m for _, m in chunk]
-        images = pipe(prompts, num_inference_steps=20, guidance_scale=guidance,
-                      max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(seed + start),
-                      output_type="pt").images
-        rewards, info = reward(images, prompts, metas)
-        rows += [{"count": m["count"], "reward": r, **{k: float(info[k][i]) for k in KEYS}}
-                 for i, (m, r) in enumerate(zip(metas, rewards.tolist()))]
-    return {"images": len(rows), **summary(rows),
-            "per_count": {str(c): summary([r for r in rows if r["count"] == c])
-                          for c in sorted({r["count"] for r in rows})}}
-
-
-def summary(rows: list[dict]) -> dict:
-    out = {key: round(float(np.mean([r[key] for r in rows])), 4) for key in KEYS}
-    out["reward"] = round(float(np.mean([r["reward"] for r in rows])), 4)
-    return out
-
-
 def eval_only(args) -> None:
     from diffusers import StableDiffusion3Pipeline
 
@@ -262,8 +223,13 @@ def eval_only(args) -> None:
     results = {"model": args.out, "n": args.n, "steps": 20, "seed": args.eval_seed}
     for guidance in args.guidance:
         started = time.time()
-        results[str(guidance)] = {"train": evaluate(pipe, shapes_train(), args.n, guidance, args.eval_seed),
-                                  "heldout": evaluate(pipe, shapes_heldout(), args.n, guidance, args.eval_seed),
+
+        def draw(prompts, generator, guidance=guidance):   # Euler ODE, 20 steps
+            return pipe(prompts, num_inference_steps=20, guidance_scale=guidance,
+                        max_sequence_length=MAX_SEQUENCE_LENGTH, generator=generator, output_type="pt").images
+
+        results[str(guidance)] = {"train": evaluate(draw, shapes_train(), args.n, args.eval_seed),
+                                  "heldout": evaluate(draw, shapes_heldout(), args.n, args.eval_seed),
                                   "seconds": round(time.time() - started, 1)}
         print(json.dumps({"guidance": guidance, **results[str(guidance)]}), flush=True)
     if args.eval_out:
