@@ -75,7 +75,8 @@ class ModelConfig:
     allow_tf32: bool = True
     resolution: Optional[int] = None  # image side in pixels; None = the model's native size
     max_sequence_length: Optional[int] = None  # SD3 / FLUX: T5 tokens per prompt (zeros without a T5); None = the
-    # pipeline's default (SD3 256, FLUX 512)
+    # pipeline's default (SD3 256, FLUX 512). SD3 without a T5 on diffusers < 0.36: the pipeline pads with the CLIP
+    # length instead, whatever this says (the family follows the installed pipeline)
 
 
 @dataclass
