@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .rollout import per_image_noise, run_chain
+from .rollout import images_from_seeds
 from .runtime import derive_seed
 from .stats import mean_se
 
@@ -38,32 +38,35 @@ def plan_probe(name: str, prompt_set, images: int, seed: int) -> Probe:
                  [derive_seed(seed, "probe", name, i) for i in range(images)])
 
 
-@torch.no_grad()
 def probe_images(model, sampler, denoiser, probe: Probe, guidance: float, batch_size: int,
                  device) -> torch.Tensor:
     """Images ``[N,3,H,W]`` (CPU) of the probe's pairs, one generator per image, in batches of ``batch_size``."""
-    out = []
-    for first in range(0, len(probe), batch_size):
-        seeds = probe.seeds[first:first + batch_size]
-        noise = per_image_noise(model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds], device)
-        final, _ = run_chain(model, sampler, denoiser, noise(), model.encode(probe.prompts[first:first + batch_size]),
-                             guidance, noise)
-        out.append(model.decode(final).cpu())
-    return torch.cat(out)
+    return torch.cat([images_from_seeds(model, sampler, denoiser, probe.prompts[i:i + batch_size],
+                                        probe.seeds[i:i + batch_size], guidance, device).cpu()
+                      for i in range(0, len(probe), batch_size)])
+
+
+def score_in_batches(reward_fn, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+                     batch_size: int) -> tuple[list[float], dict[str, list]]:
+    """Rewards ``[N]`` (a list) and every reward-info column of ``images [N,3,H,W]``, in batches of ``batch_size``
+    (``ddpo sample`` / ``ddpo eval`` score their images with it too)."""
+    values, info = [], {}
+    for first in range(0, len(prompts), batch_size):
+        rewards, extra = reward_fn(images[first:first + batch_size].to(reward_fn.device),
+                                   prompts[first:first + batch_size],
+                                   metadata[first:first + batch_size])
+        values += rewards.detach().float().cpu().tolist()
+        for key, value in extra.items():
+            info.setdefault(key, []).extend(value.tolist() if torch.is_tensor(value) else list(value))
+    return values, info
 
 
 def probe_scores(reward_fn, images: torch.Tensor, probe: Probe, batch_size: int) -> dict[str, np.ndarray]:
     """Per-image ``reward`` and every numeric reward-info key, as float arrays ``[N]``."""
-    columns: dict[str, list] = {"reward": []}
-    for first in range(0, len(probe), batch_size):
-        rewards, info = reward_fn(images[first:first + batch_size].to(reward_fn.device),
-                                  probe.prompts[first:first + batch_size],
-                                  [dict(m) for m in probe.metadata[first:first + batch_size]])
-        columns["reward"] += rewards.detach().float().cpu().tolist()
-        for key, values in info.items():
-            values = values.tolist() if torch.is_tensor(values) else list(values)
-            if all(isinstance(v, (bool, int, float)) for v in values):
-                columns.setdefault(key, []).extend(float(v) for v in values)
+    metadata = [dict(m) for m in probe.metadata]   # copies: a reward may annotate them, the probe is reused
+    rewards, info = score_in_batches(reward_fn, images, probe.prompts, metadata, batch_size)
+    columns = {"reward": rewards, **{key: values for key, values in info.items()
+                                     if all(isinstance(v, (bool, int, float)) for v in values)}}
     return {key: np.asarray(values, dtype=np.float64) for key, values in columns.items()}
 
 

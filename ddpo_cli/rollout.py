@@ -61,6 +61,16 @@ def per_image_noise(shape: tuple[int, ...], generators: list[torch.Generator], d
     return lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+@torch.no_grad()
+def images_from_seeds(model: ModelFamily, sampler: Sampler, denoiser, prompts: list[str], seeds: list[int],
+                      guidance: float, device) -> torch.Tensor:
+    """Images ``[N,3,H,W]`` in [0, 1] of ``prompts``: one CPU generator per image, seeded ``seeds[i]``, draws its
+    initial noise and every stochastic step's noise, so image ``i`` does not depend on the batch it is drawn in."""
+    noise = per_image_noise(model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds], device)
+    final, _ = run_chain(model, sampler, denoiser, noise(), model.encode(prompts), guidance, noise)
+    return model.decode(final)
+
+
 def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, cond: Conditioning, guidance: float,
               noise: NoiseSource | None = None, record: bool = False, keep_grad: list[bool] | None = None,
               checkpoint_denoiser: bool = False) -> tuple[torch.Tensor, Trajectory | None]:

@@ -23,7 +23,8 @@ from rich.console import Console
 from . import checkpoint, report
 from .config import build
 from .models import load_model, set_lora_scale
-from .rollout import per_image_noise, run_chain
+from .probe import score_in_batches
+from .rollout import images_from_seeds
 from .runs import resolve_checkpoint
 from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_libraries, resolve_precision, set_threads
 from .sample_config import apply_run_defaults
@@ -98,14 +99,11 @@ class ImageSampler:
         return torch.cat([self._batch(prompts[i:i + size], seeds[i:i + size]) for i in range(0, len(prompts), size)])
 
     def _batch(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """One generator per image draws its initial noise and every stochastic step's noise, so image k does not
-        depend on the batch it is drawn in."""
-        noise = per_image_noise(self.model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds],
-                                self.device)
+        """One generator per image (:func:`~ddpo_cli.rollout.images_from_seeds`): image k does not depend on the
+        batch it is drawn in."""
         with autocast(self.device, self.dtype):
-            final, _ = run_chain(self.model, self.sampler, self.denoiser, noise(), self.model.encode(prompts),
-                                 self.cfg.sampler.guidance_scale, noise)
-        return self.model.decode(final).cpu()
+            return images_from_seeds(self.model, self.sampler, self.denoiser, prompts, seeds,
+                                     self.cfg.sampler.guidance_scale, self.device).cpu()
 
 
 def interpolate(base: dict, tuned: dict, scale: float) -> dict:
@@ -119,16 +117,8 @@ def interpolate(base: dict, tuned: dict, scale: float) -> dict:
 
 # ----------------------------------------------------------------------------------------------- rewards
 def score(reward_fn, images: torch.Tensor, specs: list[ImageSpec], batch_size: int) -> tuple[list[float], dict]:
-    """Rewards ``[N]`` (as a list) and per-image numeric info of ``images [N,3,H,W]``, in batches."""
-    values, info = [], {}
-    for first in range(0, len(specs), batch_size):
-        part = specs[first:first + batch_size]
-        rewards, extra = reward_fn(images[first:first + len(part)].to(reward_fn.device),
-                                   [s.prompt for s in part], [s.metadata for s in part])
-        values += rewards.detach().float().cpu().tolist()
-        for key, value in extra.items():
-            info.setdefault(key, []).extend(value.tolist() if torch.is_tensor(value) else list(value))
-    return values, info
+    """Rewards ``[N]`` (as a list) and per-image info of ``images [N,3,H,W]``, in batches."""
+    return score_in_batches(reward_fn, images, [s.prompt for s in specs], [s.metadata for s in specs], batch_size)
 
 
 def build_reward(node: DictConfig, device: torch.device):
