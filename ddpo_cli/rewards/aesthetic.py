@@ -52,6 +52,7 @@ class Aesthetic(Reward):
     """
 
     name = "aesthetic"
+    output_range = (None, None)  # LAION predictor: ~1-10, most photos 4-7
 
     def __init__(self, model_name: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai",
                  weights_path: str | None = None, weights_repo: str = "trl-lib/ddpo-aesthetic-predictor",

@@ -22,6 +22,7 @@ class PromptAlignment(Reward):
     """
 
     name = "prompt_alignment"
+    output_range = (-1.0, 1.0)  # BERTScore recall: cosines, ~0.3-0.8 in practice
 
     def __init__(self, backend: str = "server", vlm_model: str = "Qwen/Qwen2.5-VL-7B-Instruct",
                  server_url: str = "http://127.0.0.1:8000/v1", question: str = "what is going on in this image?",

@@ -7,6 +7,13 @@ A reward is called as ``reward(images, prompts, metadata) -> (rewards, info)``:
 - ``rewards``: float tensor ``[B]`` (on the images' device; differentiable w.r.t. ``images`` when ``differentiable``);
 - ``info``: ``dict[str, list | tensor]`` of per-image extras (logged, never used for the update).
 
+Every reward declares what it reads and returns (the contract test in ``tests/reward_contract.py`` checks it):
+
+- ``input_range``: the pixel values it expects, always ``(0.0, 1.0)`` (a reward that needs another range converts);
+- ``output_range``: ``(low, high)`` of the values it returns, ``None`` for an unbounded end (``mix`` with
+  ``normalize: range`` maps this interval to [0, 1]; logs and docs quote it as the reward's scale);
+- ``differentiable``: whether the rewards carry gradients to the images (AlignProp / DRaFT need it).
+
 Models load lazily: the trainer calls ``setup(device, dtype)`` once before the first call; nothing is downloaded or
 moved to a GPU in ``__init__``.
 """
@@ -22,6 +29,8 @@ class Reward:
 
     differentiable: bool = False
     name: str = "reward"
+    input_range: tuple[float, float] = (0.0, 1.0)
+    output_range: tuple[float | None, float | None] = (None, None)
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

@@ -112,6 +112,7 @@ class ClipScore(_OpenClipReward):
                  scale: float = 1.0, template: str = "{prompt}") -> None:
         super().__init__(model_name, pretrained, template)
         self.scale = scale
+        self.output_range = (-abs(scale), abs(scale))
 
     def score(self, images, prompts, metadata):
         image = self.image_features(images)  # [B,D]
@@ -133,6 +134,7 @@ class ClipZeroShot(_OpenClipReward):
     """
 
     name = "clip_zero_shot"
+    output_range = (0.0, 1.0)  # a probability
     differentiable = True
 
     def __init__(self, model_name: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai",

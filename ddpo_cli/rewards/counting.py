@@ -91,6 +91,7 @@ class ObjectCounting(Reward):
     """
 
     name = "counting"
+    output_range = (0.0, 1.0)
 
     def __init__(self, backend: str = "detector", model: str = "google/owlv2-base-patch16-ensemble",
                  server_url: str = "http://127.0.0.1:8000/v1",

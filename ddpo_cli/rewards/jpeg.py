@@ -23,6 +23,7 @@ class JpegCompressibility(Reward):
     """Reward = -(JPEG size in kB): smaller files score higher."""
 
     name = "jpeg_compressibility"
+    output_range = (None, 0.0)  # minus kB
 
     def __init__(self, quality: int = 95, sign: float = -1.0) -> None:
         super().__init__()
@@ -37,6 +38,7 @@ class JpegIncompressibility(JpegCompressibility):
     """Reward = +(JPEG size in kB): larger files score higher."""
 
     name = "jpeg_incompressibility"
+    output_range = (0.0, None)  # kB
 
     def __init__(self, quality: int = 95) -> None:
         super().__init__(quality=quality, sign=1.0)

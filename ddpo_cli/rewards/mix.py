@@ -3,6 +3,7 @@
 ```yaml
 _target_: ddpo_cli.rewards.mix.Mix
 normalize: zscore            # default for every component: none | zscore (per batch) | affine (scale * r + shift)
+                             #   | range (the reward's declared output_range mapped to [0, 1])
 components:
   jpeg:
     weight: 0.5
@@ -27,7 +28,7 @@ import torch
 from ..errors import UserError
 from .base import Reward
 
-NORMALIZATIONS = ("none", "zscore", "affine")
+NORMALIZATIONS = ("none", "zscore", "affine", "range")
 COMPONENT_KEYS = {"weight", "reward", "normalize", "scale", "shift"}
 
 
@@ -48,6 +49,9 @@ class Component:
             return (values - values.mean()) / (values.std(unbiased=False) + 1e-6)
         if self.normalize == "affine":
             return self.scale * values + self.shift
+        if self.normalize == "range":
+            low, high = self.reward.output_range
+            return (values - low) / (high - low)
         return values
 
 
@@ -66,6 +70,9 @@ def build_component(name: str, spec, default_normalize: str) -> Component:
     normalize = str(spec.get("normalize", default_normalize))
     if normalize not in NORMALIZATIONS:
         raise UserError(f"reward.components.{name}.normalize={normalize!r}: choose one of {NORMALIZATIONS}")
+    if normalize == "range" and (None in reward.output_range or reward.output_range[0] >= reward.output_range[1]):
+        raise UserError(f"reward.components.{name}.normalize=range needs a bounded output range, but "
+                        f"{reward.name} declares {reward.output_range}: use zscore or affine for it")
     return Component(name, reward, float(spec.get("weight", 1.0)), normalize, float(spec.get("scale", 1.0)),
                      float(spec.get("shift", 0.0)))
 

@@ -27,6 +27,7 @@ class ShapesCounting(Reward):
     """
 
     name = "shapes_counting"
+    output_range = (0.0, 1.0)  # with the default weights (they sum to 1)
 
     def __init__(self, count_weight: float = 0.6, colour_weight: float = 0.2, shape_weight: float = 0.2,
                  size: int = 32, min_area: int = 6) -> None:
