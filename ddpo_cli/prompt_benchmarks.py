@@ -1,0 +1,69 @@
+"""The prompt lists of text-to-image benchmarks, read from a copy the user downloads once.
+
+- **PartiPrompts** (P2, Yu et al. 2022, github.com/google-research/parti, file ``PartiPrompts.tsv``; Apache-2.0 per
+  its Hugging Face mirror ``nateraw/parti-prompts``): 1632 prompts, tab-separated columns ``Prompt``, ``Category``
+  (Animals, Artifacts, Arts, ..., World Knowledge), ``Challenge`` (Basic, Complex, Fine-grained Detail, Imagination,
+  Perspective, Properties & Positioning, Quantity, Simple Detail, Style & Format, Writing & Symbols, ...), ``Note``.
+- **DrawBench** (Saharia et al. 2022, the Imagen paper; published as a Google Sheet without a stated licence, so it
+  is not shipped here): 200 prompts, comma-separated columns ``Prompts`` and ``Category`` (Colors, Conflicting,
+  Count, DALL-E, Descriptions, Gary Marcus et al., Misspellings, Positional, Rare Words, Reddit, Text); export the
+  sheet as CSV.
+
+This machine cannot download them, so neither file ships: give the path of your copy. Each row's other columns
+become the prompt's metadata; ``categories`` / ``challenges`` keep only the rows with one of the given values.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .errors import UserError
+from .prompts import PromptSet
+
+PARTI_URL = "https://github.com/google-research/parti/blob/main/PartiPrompts.tsv"
+
+
+def read_table(path: str, delimiter: str, prompt_column: str, what: str) -> list[dict]:
+    """The rows of a delimited text file with a header (``prompt_column`` required), as dicts."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{what} file '{path}' not found: download it once and give its path with prompts.path=...")
+    with open(file, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter=delimiter))
+    if not rows or prompt_column not in rows[0]:
+        columns = ", ".join(rows[0]) if rows else "none"
+        raise UserError(f"{what} file '{path}' has no '{prompt_column}' column (columns: {columns}): give the "
+                        f"original {what} file")
+    return rows
+
+
+def keep(rows: list[dict], column: str, values: list[str] | None, what: str) -> list[dict]:
+    """The rows whose ``column`` is one of ``values`` (all rows when ``values`` is empty)."""
+    if not values:
+        return rows
+    known = sorted({row.get(column) or "" for row in rows})
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise UserError(f"{what} has no {column.lower()} {unknown}: choose from {known}")
+    return [row for row in rows if row.get(column) in values]
+
+
+def to_prompt_set(rows: list[dict], prompt_column: str, name: str) -> PromptSet:
+    """Rows -> prompts (stripped, blank ones dropped) with the other non-empty columns as metadata (lower-case keys)."""
+    items = [(row[prompt_column].strip(), {key.lower(): value for key, value in row.items()
+                                           if key != prompt_column and key and value})
+             for row in rows if (row[prompt_column] or "").strip()]
+    return PromptSet(items, name=name)
+
+
+def parti_prompts(path: str, categories: list[str] | None = None, challenges: list[str] | None = None) -> PromptSet:
+    """PartiPrompts from your copy of ``PartiPrompts.tsv`` (see the module docstring)."""
+    rows = read_table(path, "\t", "Prompt", "PartiPrompts")
+    rows = keep(keep(rows, "Category", categories, "PartiPrompts"), "Challenge", challenges, "PartiPrompts")
+    return to_prompt_set(rows, "Prompt", "parti_prompts")
+
+
+def drawbench(path: str, categories: list[str] | None = None) -> PromptSet:
+    """DrawBench from your CSV export of the sheet (see the module docstring)."""
+    rows = keep(read_table(path, ",", "Prompts", "DrawBench"), "Category", categories, "DrawBench")
+    return to_prompt_set(rows, "Prompts", "drawbench")

@@ -1,0 +1,60 @@
+"""Benchmark prompt lists (PartiPrompts, DrawBench) from user-supplied files in their published formats."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from ddpo_cli.config import build, check_target
+from ddpo_cli.errors import UserError
+from ddpo_cli.prompt_benchmarks import drawbench, parti_prompts
+
+# the first rows of each file as published (PartiPrompts.tsv's header and lines; DrawBench's CSV export)
+PARTI = ("Prompt\tCategory\tChallenge\tNote\n"
+         "bond\tAbstract\tBasic\tBiology-inspired concepts with multiple meanings\n"
+         "a shiba inu\tAnimals\tBasic\t\n"
+         "A punk rock squirrel in a studded leather jacket shouting into a microphone.\tAnimals\tComplex\t\n"
+         "four cats\tAnimals\tQuantity\t\n")
+DRAWBENCH = ('Prompts,Category\n"A red colored car.",Colors\n"One cat and two dogs sitting on the grass.",Count\n'
+             '"A pink colored giraffe, with a hat.",Colors\n')
+
+
+def test_parti_prompts_read_with_metadata_and_filters(tmp_path):
+    path = tmp_path / "PartiPrompts.tsv"
+    path.write_text(PARTI, encoding="utf-8")
+    every = parti_prompts(str(path))
+    assert every.prompts[:2] == ["bond", "a shiba inu"] and len(every) == 4
+    assert every.items[0][1] == {"category": "Abstract", "challenge": "Basic",
+                                 "note": "Biology-inspired concepts with multiple meanings"}
+    assert parti_prompts(str(path), categories=["Animals"], challenges=["Quantity"]).prompts == ["four cats"]
+    with pytest.raises(UserError, match="no challenge \\['Counting'\\]: choose from"):
+        parti_prompts(str(path), challenges=["Counting"])
+
+
+def test_drawbench_reads_the_csv_export(tmp_path):
+    path = tmp_path / "drawbench.csv"
+    path.write_text(DRAWBENCH, encoding="utf-8")
+    counting = drawbench(str(path), categories=["Count"])
+    assert counting.prompts == ["One cat and two dogs sitting on the grass."]
+    assert counting.items[0][1] == {"category": "Count"}
+    assert drawbench(str(path)).prompts[2] == "A pink colored giraffe, with a hat."
+
+
+def test_missing_or_wrong_files_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="not found: download it once"):
+        parti_prompts(str(tmp_path / "nope.tsv"))
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text("text\tlabel\nhello\tx\n")
+    with pytest.raises(UserError, match="no 'Prompt' column"):
+        parti_prompts(str(wrong))
+
+
+@pytest.mark.parametrize("name", ["parti", "drawbench"])
+def test_yaml_builds_from_a_path(name, tmp_path):
+    from ddpo_cli.config import conf_dir
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(PARTI if name == "parti" else DRAWBENCH, encoding="utf-8")
+    node = OmegaConf.load(conf_dir() / "prompts" / f"{name}.yaml")
+    node.path = str(path)
+    check_target(node, "prompts")
+    assert len(build(node, "prompts")) in (3, 4)
