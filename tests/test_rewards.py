@@ -260,3 +260,34 @@ def test_every_reward_yaml_checks_and_builds_without_loading(path):
     check_target(cfg, "reward")  # every key is a typed parameter of the target
     reward = instantiate(cfg, _convert_="all")  # as the trainer does; __init__ loads and downloads nothing
     assert isinstance(reward, Reward) and not reward._ready
+
+
+def test_mix_range_maps_the_declared_output_range_to_unit():
+    from ddpo_cli.rewards.clip import ClipScore
+
+    bounded = constant([0.0, 0.5, 1.0])
+    bounded.output_range = (0.0, 2.0)
+    rewards, _ = Mix(components={"a": {"reward": bounded, "normalize": "range"}})(torch.rand(3, 3, 8, 8), [""] * 3,
+                                                                                  [{}] * 3)
+    torch.testing.assert_close(rewards, torch.tensor([0.0, 0.25, 0.5]))
+    with pytest.raises(UserError, match="bounded output range"):
+        Mix(components={"a": {"reward": constant([1.0]), "normalize": "range"}})  # declares (None, None)
+    assert ClipScore(scale=2.5).output_range == (-2.5, 2.5)
+
+
+def test_every_builtin_reward_keeps_the_contract(tiny_clip, aesthetic_weights):
+    from reward_contract import check_contract
+
+    from ddpo_cli.rewards.examples import brightness
+    from ddpo_cli.rewards.jpeg import JpegCompressibility, JpegIncompressibility
+    from ddpo_cli.rewards.shapes_counting import ShapesCounting
+
+    images, prompts = smooth_images(2, 64, 64), ["two red squares", "one blue circle"]
+    metadata = [{"count": 2, "colour": "red", "shape": "square"}, {"count": 1, "colour": "blue", "shape": "circle"}]
+    rewards = [JpegCompressibility(), JpegIncompressibility(), ShapesCounting(),
+               FunctionReward(brightness, differentiable=True),
+               ClipScore(model_name=tiny_clip["local_dir"], pretrained=None),
+               ClipZeroShot(model_name=tiny_clip["local_dir"], pretrained=None),
+               Aesthetic(model_name=tiny_clip["local_dir"], pretrained=None, weights_path=aesthetic_weights["pth"])]
+    for reward in rewards:
+        check_contract(reward.setup("cpu"), images, prompts, metadata)
