@@ -171,20 +171,23 @@ def train_task(cfg, plan) -> None:
     from .trainer import Trainer  # torch and diffusers load only when a job runs, not for `ddpo ls` or `--help`
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    trainer = Trainer(cfg, run_dir, plan)
+    trainer = None
     try:
+        trainer = Trainer(cfg, run_dir, plan)
         trainer.setup()
         trainer.train()
     except KeyboardInterrupt:
         # leave at once: a reward call in flight (a VLM server may take minutes) is abandoned, not awaited
-        trainer.cleanup(wait=False)
+        if trainer is not None:
+            trainer.cleanup(wait=False)
         print_error(f"interrupted; the checkpoints written so far are in {run_dir / 'checkpoints'}: continue with "
                     f"ddpo train resume={run_dir}")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
     finally:
-        trainer.cleanup()
+        if trainer is not None:
+            trainer.cleanup()
 
 
 @app.command(**HYDRA_ARGS)
