@@ -44,6 +44,22 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def local_or_hub_file(path: str | None, repo: str, filename: str, option: str, what: str) -> str:
+    """Local path of a weights file: ``path`` if given (it must exist), else ``filename`` from the hub repo ``repo``
+    (downloaded once, then cached). ``option`` is the reward key a user sets instead; ``what`` describes the file."""
+    if path:
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"reward.{option}={path!r} does not exist: give {what}")
+        return str(Path(path).expanduser())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as error:
+        raise UserError(f"could not get {filename!r} from the hub repo {repo!r} ({brief(error)}): download it once "
+                        f"with network access or set reward.{option}=<local file>") from error
+
+
 class Aesthetic(Reward):
     """LAION aesthetic v2 score of each image (higher = prettier; SD v1.4 animals start near 5.5).
 
@@ -67,19 +83,9 @@ class Aesthetic(Reward):
 
     def weights(self) -> str:
         """Local path of the MLP weights (downloading them from the hub if no ``weights_path`` is given)."""
-        if self.weights_path:
-            if not Path(self.weights_path).expanduser().is_file():
-                raise UserError(f"reward.weights_path={self.weights_path!r} does not exist: give the aesthetic MLP "
-                                "weights file (sac+logos+ava1-l14-linearMSE.pth or a .safetensors copy)")
-            return str(Path(self.weights_path).expanduser())
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return hf_hub_download(self.weights_repo, self.weights_file)
-        except Exception as error:
-            raise UserError(f"could not get {self.weights_file!r} from the hub repo {self.weights_repo!r} "
-                            f"({brief(error)}): download it once with network access or set "
-                            "reward.weights_path=<local file>") from error
+        return local_or_hub_file(self.weights_path, self.weights_repo, self.weights_file, "weights_path",
+                                 "the aesthetic MLP weights file (sac+logos+ava1-l14-linearMSE.pth or a .safetensors "
+                                 "copy)")
 
     def load(self) -> None:
         self.clip, self.pil_preprocess, _ = load_open_clip(self.model_name, self.pretrained, self.device, self.dtype)

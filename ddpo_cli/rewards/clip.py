@@ -56,13 +56,15 @@ def clip_pixels(images: torch.Tensor, cfg: dict) -> torch.Tensor:
 
     Same steps as open_clip's eval transform: resize the shorter side (``resize_mode`` ``shortest``, the default) or
     both sides (``squash``) with antialiasing, centre crop to ``cfg["size"]``, normalise with the model's mean/std.
+    The shorter side goes to ``cfg["resize"]`` when given (a transformers processor's ``shortest_edge``), else to the
+    crop size.
     """
     height, width = cfg["size"]
     mode = InterpolationMode.BILINEAR if cfg.get("interpolation") == "bilinear" else InterpolationMode.BICUBIC
     if cfg.get("resize_mode") == "squash":
         images = TF.resize(images, [height, width], interpolation=mode, antialias=True)
     else:
-        images = TF.resize(images, max(height, width), interpolation=mode, antialias=True)
+        images = TF.resize(images, cfg.get("resize", max(height, width)), interpolation=mode, antialias=True)
         images = TF.center_crop(images, [height, width])
     mean = torch.tensor(cfg["mean"], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
