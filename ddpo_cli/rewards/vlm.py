@@ -5,7 +5,9 @@
 - :class:`ServerVLM`: an OpenAI-compatible chat-completions server (``vllm serve``, sglang, ...): JSON messages with
   base64 data-URL images, a bounded number of concurrent requests, timeout, bounded retries with exponential backoff.
 
-Both share ``load(device, dtype)`` (lazy) and ``ask(images, questions) -> answers``. :func:`make_vlm` picks one.
+Both share ``load(device, dtype)`` (lazy), ``ask(images, questions) -> answers`` and
+``yes_no_probabilities(images, questions, yes_tokens, no_tokens) -> [B, 2]`` (the probability mass of the yes and the
+no variants as the first answer token). :func:`make_vlm` picks one.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import base64
 import inspect
 import io
 import json
+import math
 import os
 import time
 import urllib.error
@@ -63,6 +66,13 @@ class TransformersVLM:
         return answers
 
     def _generate(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        inputs = self._chat_inputs(images, questions)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)  # [B, L+new]
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _chat_inputs(self, images: list[Image.Image], questions: list[str]):
+        """The chat-templated, left-padded batch (one user turn: image then question, generation prompt added)."""
         conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
                                                        {"type": "text", "text": question}]}]
                          for image, question in zip(images, questions)]
@@ -71,9 +81,30 @@ class TransformersVLM:
             **_padding_kwarg(self.processor)).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)  # [B, L+new]
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        return inputs
+
+    def token_ids(self, variants: list[str]) -> list[int]:
+        """The distinct ids of the variants that are one token each (``"Yes"``, ``" yes"``, ...); others are
+        skipped (their first token would stand for other words too). UserError when none is a single token."""
+        encoded = [self.processor.tokenizer.encode(text, add_special_tokens=False) for text in variants]
+        ids = list(dict.fromkeys(ids[0] for ids in encoded if len(ids) == 1))
+        if not ids:
+            raise UserError(f"none of {variants} is a single token of {self.model_id!r}: list single-token "
+                            "variants in reward.yes_tokens / reward.no_tokens")
+        return ids
+
+    @torch.no_grad()
+    def yes_no_probabilities(self, images: list[Image.Image], questions: list[str], yes_tokens: list[str],
+                             no_tokens: list[str]) -> torch.Tensor:
+        """``[B, 2]`` float32 on the CPU: P(first answer token is a yes variant), P(... a no variant), from one
+        forward pass per ``batch_size`` images (the next-token softmax at the generation position; no sampling)."""
+        yes_ids, no_ids = self.token_ids(yes_tokens), self.token_ids(no_tokens)
+        masses = []
+        for start in range(0, len(images), self.batch_size):
+            inputs = self._chat_inputs(images[start:start + self.batch_size], questions[start:start + self.batch_size])
+            probs = self.model(**inputs).logits[:, -1].float().softmax(-1)  # [b, V]: left padding puts it last
+            masses.append(torch.stack([probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)], -1).cpu())
+        return torch.cat(masses)
 
 
 def _padding_kwarg(processor) -> dict:
@@ -159,13 +190,41 @@ class ServerVLM:
     def _ask_one(self, image: Image.Image, question: str) -> str:
         return self._answer_with_retries(json.dumps(self.payload(image, question)).encode("utf-8"))
 
-    def _answer_with_retries(self, body: bytes) -> str:
+    def yes_no_probabilities(self, images: list[Image.Image], questions: list[str], yes_tokens: list[str],
+                             no_tokens: list[str], top_logprobs: int = 20) -> torch.Tensor:
+        """``[B, 2]`` float32: the summed probabilities of the yes and of the no variants (exact token strings)
+        among the ``top_logprobs`` most likely first answer tokens (``max_tokens: 1``); a side with no variant in
+        that top-K gets 0."""
+        def ask(image: Image.Image, question: str) -> list[float]:
+            body = {**self.payload(image, question), "max_tokens": 1, "logprobs": True, "top_logprobs": top_logprobs}
+            logprobs = self._answer_with_retries(json.dumps(body).encode("utf-8"), read=self._first_token_logprobs)
+            return [sum(math.exp(logprobs[t]) for t in set(variants) if t in logprobs)
+                    for variants in (yes_tokens, no_tokens)]
+
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return torch.tensor(list(pool.map(ask, images, questions)), dtype=torch.float32).reshape(-1, 2)
+
+    @staticmethod
+    def _first_token_logprobs(reply) -> dict[str, float]:
+        """``{token: logprob}`` of the first answer token's ``top_logprobs`` (and the token itself) in a chat
+        completion with ``logprobs`` (the OpenAI / vLLM format); BadReply when they are missing."""
+        try:
+            first = reply["choices"][0]["logprobs"]["content"][0]
+            entries = [*first["top_logprobs"], first]
+            return {str(entry["token"]): float(entry["logprob"]) for entry in entries}
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise BadReply(f"no choices[0].logprobs.content[0].top_logprobs (does the server return logprobs?) in "
+                           f"{brief(json.dumps(reply), 120)}") from None
+
+    def _answer_with_retries(self, body: bytes, read=None):
+        """POST ``body`` with retries; ``read(reply)`` (default: the assistant's text) extracts the answer."""
+        read = read or self._answer
         last_error = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return self._answer(self._post(body))
+                return read(self._post(body))
             except urllib.error.HTTPError as error:
                 if 300 <= error.code < 400:
                     raise UserError(f"VLM server at {self.endpoint} redirects ({error.code}) to {error.filename}: "
