@@ -1,6 +1,8 @@
 """Benchmark prompt lists (PartiPrompts, DrawBench) from user-supplied files in their published formats."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -9,13 +11,8 @@ from ddpo_cli.errors import UserError
 from ddpo_cli.prompt_benchmarks import drawbench, parti_prompts
 
 # the first rows of each file as published (PartiPrompts.tsv's header and lines; DrawBench's CSV export)
-PARTI = ("Prompt\tCategory\tChallenge\tNote\n"
-         "bond\tAbstract\tBasic\tBiology-inspired concepts with multiple meanings\n"
-         "a shiba inu\tAnimals\tBasic\t\n"
-         "A punk rock squirrel in a studded leather jacket shouting into a microphone.\tAnimals\tComplex\t\n"
-         "four cats\tAnimals\tQuantity\t\n")
-DRAWBENCH = ('Prompts,Category\n"A red colored car.",Colors\n"One cat and two dogs sitting on the grass.",Count\n'
-             '"A pink colored giraffe, with a hat.",Colors\n')
+PARTI = (Path(__file__).parent / "parti_sample.tsv").read_text(encoding="utf-8")
+DRAWBENCH = (Path(__file__).parent / "drawbench_sample.csv").read_text(encoding="utf-8")
 
 
 def test_parti_prompts_read_with_metadata_and_filters(tmp_path):
