@@ -27,6 +27,7 @@ from ddpo_cli.errors import UserError  # noqa: E402
 from ddpo_cli.rewards.alignment import PromptAlignment  # noqa: E402
 from ddpo_cli.rewards.counting import ObjectCounting, count_boxes, count_reward, parse_count  # noqa: E402
 from ddpo_cli.rewards.vlm import ServerVLM, make_vlm  # noqa: E402
+from tiny_judge_models import build_tiny_llava, build_tiny_owl  # noqa: E402
 
 COUNTING_META = {"number": 3, "noun": "cat", "things": "cats"}
 
@@ -282,66 +283,15 @@ def test_counting_needs_counting_metadata():
 
 # ------------------------------------------------------------------------------------------- tiny local models
 @pytest.fixture(scope="module")
-def clip_tokenizer(tmp_path_factory):
-    """A real CLIP BPE tokenizer (transformers) rebuilt from open_clip's bundled vocabulary: no download."""
-    import gzip
-
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    from transformers import CLIPTokenizer
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    return CLIPTokenizer(vocab=dict(SimpleTokenizer().encoder), merges=[tuple(line.split()) for line in lines])
-
-
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                 "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory, clip_tokenizer) -> str:
+def tiny_llava(tmp_path_factory) -> str:
     """A tiny random LLaVA (CLIP vision 32 px + Llama 1 layer) with processor and chat template, saved locally."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    tokenizer = clip_tokenizer
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1)  # the CLS token, dropped by the "default" strategy
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=32, patch_size=16),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llava")
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
+    return build_tiny_llava(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")
-def tiny_owl(tmp_path_factory, clip_tokenizer) -> str:
+def tiny_owl(tmp_path_factory) -> str:
     """A tiny random OWLv2 detector (32 px, patch 8: 16 candidate boxes) with its processor, saved locally."""
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
-
-    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}),
-                               tokenizer=clip_tokenizer)
-    config = Owlv2Config(
-        text_config=dict(vocab_size=len(clip_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("owl")
-    Owlv2ForObjectDetection(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
+    return build_tiny_owl(tmp_path_factory.mktemp("owl"))
 
 
 def test_transformers_vlm_generates_one_answer_per_image(tiny_llava):

