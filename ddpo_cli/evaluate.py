@@ -24,10 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from . import report
-from .config import build
 from .errors import UserError
 from .runs import epoch_of, resolve_checkpoints
-from .sample import ImageSampler, ImageSpec, build_reward, plan_images, score
+from .sample import ImageSampler, ImageSpec, build_prompts, build_reward, plan_images, score
 from .sample_config import apply_run_defaults, extra_rewards, override_keys, user_config_dir
 from .stats import fmt, mean_se, significant
 
@@ -137,7 +136,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path, config_dir: Path | None = None)
     ``config_dir``: the user's extra config folder (``-cd``), where reward options named in ``rewards`` may live."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = resolve_checkpoints(cfg.run, cfg.checkpoints)
-    prompt_set = build(cfg.prompts, "prompts")
+    prompt_set = build_prompts(cfg)
     specs = plan_images(prompt_set, cfg.num_prompts, cfg.n, cfg.seed)
     sampler = ImageSampler(cfg)
     rewards, train, gold = eval_rewards(cfg, sampler.device, config_dir)

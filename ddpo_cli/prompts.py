@@ -2,6 +2,11 @@
 
 Word lists live in ``ddpo_cli/assets``. Every set is built by a function named in ``conf/prompts/*.yaml``
 (``_target_``) and returns a :class:`PromptSet`.
+
+A set made at run time (``prompts=llm``, :mod:`ddpo_cli.prompt_synthesis`) is built empty in the preflight, before
+the run folder exists, and has two more methods: ``prepare(path, device, resuming)`` (``ddpo train``, once the run
+folder is known: generate the set into ``<run>/prompts.json`` (PROMPTS_FILE), or read it back) and ``load(path)``
+(``ddpo sample`` / ``ddpo eval``: read a run's file, never generate).
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "eleven", "twelve"]
 IRREGULAR_PLURALS = {"mouse": "mice", "goose": "geese", "sheep": "sheep", "deer": "deer", "fish": "fish",
                      "wolf": "wolves", "person": "people", "ox": "oxen", "moose": "moose", "bison": "bison"}
+PROMPTS_FILE = "prompts.json"                  # a run's generated training prompt set (prompts=llm)
+HELDOUT_PROMPTS_FILE = "prompts_heldout.json"  # a run's generated log.paired.heldout set
 
 
 @dataclass
@@ -78,6 +85,21 @@ def plural(noun: str) -> str:
     if noun.endswith(("s", "x", "z", "ch", "sh")):
         return noun + "es"
     return noun + "s"
+
+
+def singular(things: str) -> str:
+    """The inverse of :func:`plural` for the nouns it makes ("cats" -> "cat", "boxes" -> "box", "mice" -> "mouse");
+    a word that does not look plural is returned as it is."""
+    irregular = {many: one for one, many in IRREGULAR_PLURALS.items()}
+    if things in irregular:
+        return irregular[things]
+    if things.endswith("ies") and len(things) > 3:
+        return things[:-3] + "y"
+    if things.endswith(("sses", "xes", "zes", "ches", "shes")):
+        return things[:-2]
+    if things.endswith("s") and not things.endswith("ss"):
+        return things[:-1]
+    return things
 
 
 def simple_animals(file: str = "simple_animals.txt") -> PromptSet:

@@ -24,6 +24,7 @@ from . import checkpoint, report
 from .config import build
 from .models import load_model, set_lora_scale
 from .probe import score_in_batches
+from .prompts import PROMPTS_FILE
 from .rollout import images_from_seeds
 from .runs import resolve_checkpoint
 from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_libraries, resolve_precision, set_threads
@@ -50,6 +51,15 @@ def select_prompts(num_items: int, num_prompts: int | None) -> list[int]:
     if num_prompts is None or num_prompts >= num_items:
         return list(range(num_items))
     return [int(i * num_items / num_prompts) for i in range(num_prompts)]
+
+
+def build_prompts(cfg: DictConfig):
+    """The prompt set of ``cfg.prompts``; a set made at run time (``prompts=llm``) is read from the run's file
+    (or ``prompts.cache``), never generated."""
+    prompt_set = build(cfg.prompts, "prompts")
+    if hasattr(prompt_set, "load"):
+        prompt_set.load(Path(cfg.run) / PROMPTS_FILE if cfg.run else None)
+    return prompt_set
 
 
 def plan_images(prompt_set, num_prompts: int | None, n: int, seed: int) -> list[ImageSpec]:
@@ -155,7 +165,7 @@ def sample_images(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Draw the images of ``cfg`` (already merged with the run's settings) into ``out_dir``; returns the rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(cfg.run, cfg.checkpoint)
-    specs = plan_images(build(cfg.prompts, "prompts"), cfg.num_prompts, cfg.n, cfg.seed)
+    specs = plan_images(build_prompts(cfg), cfg.num_prompts, cfg.n, cfg.seed)
     sampler = ImageSampler(cfg)
     sampler.use(path, cfg.lora_scale)
     console.print(f"sampling {len(specs)} images from {path or 'the base model'} (lora_scale {cfg.lora_scale}, "
