@@ -92,6 +92,7 @@ def unconditional_jpeg_gain(reward: str, seed: int, *overrides: str) -> float:
 IS_CLIP = "algo.clip_range=1.0e-2"
 
 
+@pytest.mark.claims
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ddpo_is_raises_jpeg_compressibility(seed):
     # measured at clip 1e-2: +0.229 kB for seed 0 (paired standard error ~0.03). Training only the first half of the
@@ -100,6 +101,7 @@ def test_ddpo_is_raises_jpeg_compressibility(seed):
     assert gain > MARGIN_KB, gain
 
 
+@pytest.mark.claims
 @pytest.mark.parametrize("algo", ["ddpo_sf", "dpok"])
 def test_policy_gradients_raise_jpeg_compressibility(algo):
     # seed 0, measured: ddpo_sf +0.188 kB, dpok +0.187 kB. Random-walk damage from noisy updates makes images
@@ -108,6 +110,7 @@ def test_policy_gradients_raise_jpeg_compressibility(algo):
     assert gain > MARGIN_KB, gain
 
 
+@pytest.mark.claims
 @pytest.mark.parametrize("overrides", [("algo=ddpo_is", IS_CLIP), ("algo=ddpo_sf",), ("algo=dpok",)],
                          ids=["ddpo_is", "ddpo_sf", "dpok"])
 def test_the_same_run_with_shuffled_advantages_does_not_learn(overrides):
@@ -126,6 +129,7 @@ def rwr_incompressibility_after(seed: int, *overrides: str) -> float:
     return float(after.mean())
 
 
+@pytest.mark.claims
 @pytest.mark.parametrize("algo", [("algo=rwr", "algo.beta=20"), ("algo=rwr_sparse",)])
 def test_reward_weighting_beats_plain_self_training(algo):
     # Uniform weights (beta=0: fine-tuning on its own samples) drift to black whatever the reward: 1.09 -> 0.91 kB

@@ -288,3 +288,25 @@ def test_train_resume_and_sample_use_the_run_file(server, tmp_path, cache_dir):
     prompt_set = build_prompts(cfg)
     assert [p for p, _ in prompt_set.items] == [row["prompt"] for row in json.loads(saved)["prompts"]]
     assert len(server.requests) == calls
+
+
+def test_one_training_epoch_on_prompts_written_by_the_tiny_lm(tiny_lm, tmp_path, cache_dir):
+    from ddpo_cli.config import plan_run
+    from ddpo_cli.trainer import Trainer
+
+    cfg = compose("train", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2", "train.batch_size=2",
+                            "sampler.num_batches_per_epoch=1", "train.num_epochs=1", "advantage.mode=batch",
+                            "log.tracker=none", "log.grid_images=2", "threads=2", "prompts=llm",
+                            f"prompts.model={tiny_lm}", "prompts.topic=cats", "prompts.num_prompts=2",
+                            "prompts.max_new_tokens=12", "prompts.requests_per_round=3", "prompts.max_rounds=1",
+                            "prompts.min_words=1", "prompts.max_words=null", "prompts.near_duplicate_threshold=null",
+                            "prompts.seed=3"])
+    trainer = Trainer(cfg, tmp_path / "run", plan_run(cfg))
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    written = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    assert written["model"] == tiny_lm and len(written["prompts"]) == 2
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0]
