@@ -1,16 +1,17 @@
-"""The prompt lists of text-to-image benchmarks, read from a copy the user downloads once.
+"""The prompt lists of text-to-image benchmarks: PartiPrompts ships with the package, DrawBench is read from your copy.
 
-- **PartiPrompts** (P2, Yu et al. 2022, github.com/google-research/parti, file ``PartiPrompts.tsv``; Apache-2.0 per
-  its Hugging Face mirror ``nateraw/parti-prompts``): 1632 prompts, tab-separated columns ``Prompt``, ``Category``
-  (Animals, Artifacts, Arts, ..., World Knowledge), ``Challenge`` (Basic, Complex, Fine-grained Detail, Imagination,
-  Perspective, Properties & Positioning, Quantity, Simple Detail, Style & Format, Writing & Symbols, ...), ``Note``.
+- **PartiPrompts** (P2, Yu et al. 2022, github.com/google-research/parti, file ``PartiPrompts.tsv``; Apache-2.0):
+  1632 prompts, tab-separated columns ``Prompt``, ``Category`` (Animals, Artifacts, Arts, ..., World Knowledge),
+  ``Challenge`` (Basic, Complex, Fine-grained Detail, Imagination, Linguistic Structures, Perspective, Properties &
+  Positioning, Quantity, Simple Detail, Style & Format, Writing & Symbols), ``Note``. A copy ships in ``ddpo_cli/assets`` (with its
+  licence, ``PartiPrompts.LICENSE``) and is the default.
 - **DrawBench** (Saharia et al. 2022, the Imagen paper; published as a Google Sheet without a stated licence, so it
   is not shipped here): 200 prompts, comma-separated columns ``Prompts`` and ``Category`` (Colors, Conflicting,
   Count, DALL-E, Descriptions, Gary Marcus et al., Misspellings, Positional, Rare Words, Reddit, Text); export the
   sheet as CSV.
 
-This machine cannot download them, so neither file ships: give the path of your copy. Each row's other columns
-become the prompt's metadata; ``categories`` / ``challenges`` keep only the rows with one of the given values.
+For DrawBench give the path of your copy. Each row's other columns become the prompt's metadata; ``categories`` /
+``challenges`` keep only the rows with one of the given values.
 """
 from __future__ import annotations
 
@@ -18,14 +19,13 @@ import csv
 from pathlib import Path
 
 from .errors import UserError
-from .prompts import PromptSet
-
-PARTI_URL = "https://github.com/google-research/parti/blob/main/PartiPrompts.tsv"
+from .prompts import ASSETS, PromptSet
 
 
 def read_table(path: str, delimiter: str, prompt_column: str, what: str) -> list[dict]:
     """The rows of a delimited text file with a header (``prompt_column`` required), as dicts."""
     file = Path(path).expanduser()
+    file = file if file.is_file() else ASSETS / str(path)  # a bare name: a file shipped with the package
     if not file.is_file():
         raise UserError(f"{what} file '{path}' not found: download it once and give its path with prompts.path=...")
     with open(file, encoding="utf-8", newline="") as handle:
@@ -56,8 +56,8 @@ def to_prompt_set(rows: list[dict], prompt_column: str, name: str) -> PromptSet:
     return PromptSet(items, name=name)
 
 
-def parti_prompts(path: str, categories: list[str] | None = None, challenges: list[str] | None = None) -> PromptSet:
-    """PartiPrompts from your copy of ``PartiPrompts.tsv`` (see the module docstring)."""
+def parti_prompts(path: str = "PartiPrompts.tsv", categories: list[str] | None = None, challenges: list[str] | None = None) -> PromptSet:
+    """PartiPrompts from ``path`` (default: the copy shipped with the package; see the module docstring)."""
     rows = read_table(path, "\t", "Prompt", "PartiPrompts")
     rows = keep(keep(rows, "Category", categories, "PartiPrompts"), "Challenge", challenges, "PartiPrompts")
     return to_prompt_set(rows, "Prompt", "parti_prompts")

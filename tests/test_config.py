@@ -15,7 +15,6 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").rglob("*.yaml"))
 HERE = Path(__file__).parent
 NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompts", "from_list"): ["prompts.prompts=[a cat]"],
          ("prompts", "geneval"): [f"prompts.path={HERE / 'geneval_sample.jsonl'}"],
-         ("prompts", "parti"): [f"prompts.path={HERE / 'parti_sample.tsv'}"],
          ("prompts", "drawbench"): [f"prompts.path={HERE / 'drawbench_sample.csv'}"],
          ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"],
          **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},

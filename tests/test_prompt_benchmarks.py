@@ -55,3 +55,15 @@ def test_yaml_builds_from_a_path(name, tmp_path):
     node.path = str(path)
     check_target(node, "prompts")
     assert len(build(node, "prompts")) in (3, 4)
+
+
+def test_the_shipped_parti_prompts_are_the_published_file():
+    from ddpo_cli.prompts import ASSETS
+
+    shipped = parti_prompts()  # the default: ddpo_cli/assets/PartiPrompts.tsv
+    categories = {meta["category"] for _, meta in shipped.items}
+    challenges = {meta["challenge"] for _, meta in shipped.items}
+    assert len(shipped) == 1632 and len(categories) == 12 and len(challenges) == 11  # the paper's counts
+    assert shipped.prompts[:3] == ["bond", "element", "molecule"] and "a shiba inu" in shipped.prompts
+    assert len((ASSETS / "PartiPrompts.tsv").read_text(encoding="utf-8")) == 123072  # characters, as published
+    assert "Apache License" in (ASSETS / "PartiPrompts.LICENSE").read_text(encoding="utf-8")
