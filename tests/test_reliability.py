@@ -351,13 +351,16 @@ def test_lora_targets_that_match_nothing_are_one_line(tmp_path, cache_dir):
 
 # ----------------------------------------------------------------------------------------------- 9. Ctrl-C
 def test_ctrl_c_does_not_wait_for_the_reward_in_flight(tmp_path, helpers, cache_dir):
-    # SIGINT goes once the reward call has started: the run's set-up time varies (a cold CI clone imports slowly), and
-    # the fixed 8 s sleep used before may have sent it during the set-up in the CI runs where this test hung
+    # SIGINT goes once the reward call has started (set-up time varies). The child gets SIGINT's default action back:
+    # a shell runs a background job (`.ci/run &`) with SIGINT ignored, every process below inherits that, and a
+    # Python started with SIGINT ignored installs no KeyboardInterrupt handler, so the run slept on through the
+    # signal (the "hang" of the session-6 CI runs; a terminal's Ctrl-C reaches a foreground job)
     started = tmp_path / "reward_started"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLOW_REWARD_STARTED": str(started), **helpers}
     process = subprocess.Popen([sys.executable, "-m", "ddpo_cli", "train", *FAST, *custom("slow"),
                                 "train.num_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not started.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
