@@ -35,7 +35,7 @@ from .errors import UserError
 from .prompts import NUMBER_WORDS, PromptSet, singular
 from .rewards._errors import brief
 from .rewards.vlm import ServerVLM, _dtype_kwarg
-from .runtime import derive_seed
+from .runtime import WEIGHT_DTYPES, derive_seed, resolve_precision
 
 FILE_FORMAT = 1
 DEFAULT_INSTRUCTION = ("You write prompts for a text-to-image model: short, concrete, visual descriptions of a "
@@ -246,6 +246,9 @@ class ServerLM(ServerVLM):
     timeout, retries with backoff, refused redirects, API key only over https or to this machine); each request
     carries its ``seed`` (vLLM and OpenAI honour it)."""
 
+    label = "prompts=llm: prompt LLM server"
+    url_setting = "prompts.server_url"
+
     def __init__(self, url: str, model: str, max_new_tokens: int = 1024, temperature: float = 1.0,
                  top_p: float = 0.95, timeout: float = 120.0, max_retries: int = 3, concurrency: int = 8) -> None:
         super().__init__(url, model, max_new_tokens=max_new_tokens, timeout=timeout, max_retries=max_retries,
@@ -260,20 +263,8 @@ class ServerLM(ServerVLM):
     def complete(self, system: str, user: str, seeds: list[int]) -> list[str]:
         """One reply per seed, in order; at most ``concurrency`` requests in flight."""
         bodies = [json.dumps(self.chat_payload(system, user, seed)).encode("utf-8") for seed in seeds]
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-                return list(pool.map(self._answer_with_retries, bodies))
-        except UserError as error:  # the client speaks of a VLM reward; say which setting this is
-            message = str(error).replace("VLM server", "prompt LLM server").replace("the reward's server_url",
-                                                                                    "prompts.server_url")
-            raise UserError(f"prompts=llm: {message}") from None
-
-
-def llm_dtype(device: torch.device) -> torch.dtype:
-    """float32 on the CPU; bfloat16 on a GPU that has it, else float16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(self._answer_with_retries, bodies))
 
 
 # ----------------------------------------------------------------------------------------------- the cache file
@@ -412,7 +403,7 @@ class LLMPromptSet:
         and de-duplication; the content of the prompts file. UserError when ``max_rounds`` rounds are not enough."""
         s = self.settings
         lm = make_lm(s)
-        lm.load(device, llm_dtype(device))
+        lm.load(device, WEIGHT_DTYPES[resolve_precision("auto", device)])  # fp32 on a CPU
         embed = Embedder(s["embedding_model"], device) if s["near_duplicate_threshold"] is not None else None
         dedup = Deduplicator(s["near_duplicate_threshold"], embed)
         system, user = s["instruction"] or DEFAULT_INSTRUCTION, self.request()

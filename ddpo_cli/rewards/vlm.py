@@ -149,7 +149,13 @@ class ServerVLM:
     loopback address; redirects are refused. A request that times out (``timeout`` bounds the whole reply, also a
     trickling one), cannot connect, gets HTTP 429/5xx, or gets a reply that is not a chat completion (or longer than
     ``max_reply_bytes``) is retried ``max_retries`` times, sleeping ``backoff * 2**attempt`` seconds.
+
+    Errors name the server ``label`` and the setting ``url_setting`` a user changes (a subclass for another kind of
+    server sets its own).
     """
+
+    label = "VLM server"
+    url_setting = "the reward's server_url"
 
     def __init__(self, url: str = "http://127.0.0.1:8000/v1", model: str = "Qwen/Qwen2.5-VL-7B-Instruct",
                  max_new_tokens: int = 64, timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
@@ -227,24 +233,24 @@ class ServerVLM:
                 return read(self._post(body))
             except urllib.error.HTTPError as error:
                 if 300 <= error.code < 400:
-                    raise UserError(f"VLM server at {self.endpoint} redirects ({error.code}) to {error.filename}: "
+                    raise UserError(f"{self.label} at {self.endpoint} redirects ({error.code}) to {error.filename}: "
                                     f"give that address as server_url (requests and API keys are not sent on)"
                                     ) from None
                 if error.code in (401, 403) and not may_send_key(self.endpoint):
-                    raise UserError(f"VLM server at {self.endpoint} wants an API key (HTTP {error.code}), which is "
+                    raise UserError(f"{self.label} at {self.endpoint} wants an API key (HTTP {error.code}), which is "
                                     f"only sent over https or to this machine: use an https:// server_url") from None
                 if error.code != 429 and error.code < 500:
                     detail = brief(error.read().decode("utf-8", "replace"))
-                    raise UserError(f"VLM server at {self.endpoint} rejected the request (HTTP {error.code}: "
+                    raise UserError(f"{self.label} at {self.endpoint} rejected the request (HTTP {error.code}: "
                                     f"{detail}): check that the served model name is {self.model!r}") from None
                 last_error = f"HTTP {error.code}"
             except BadReply as error:
                 last_error = f"a reply that is not a chat completion: {brief(error, 120)}"
             except OSError as error:  # refused connection, timeout, reset (URLError is an OSError)
                 last_error = brief(getattr(error, "reason", None) or error)
-        raise UserError(f"VLM server at {self.endpoint} did not answer after {self.max_retries + 1} attempts "
+        raise UserError(f"{self.label} at {self.endpoint} did not answer after {self.max_retries + 1} attempts "
                         f"({last_error}): start an OpenAI-compatible server there (e.g. `vllm serve {self.model} "
-                        f"--port 8000`), point the reward's server_url at a running one, or raise its timeout")
+                        f"--port 8000`), point {self.url_setting} at a running one, or raise its timeout")
 
     @staticmethod
     def _answer(reply) -> str:
