@@ -17,9 +17,8 @@ from PIL import Image
 import numpy as np
 
 from .detect import Detection, detect
-from .render import COLOURS, SHAPES
+from .render import COLOURS, SHAPES, caption
 
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 PHRASINGS = ["The image shows {objects} on a black background.", "There are {objects}.",
              "A simple drawing of {objects} against a plain dark backdrop.", "I can see {objects} in this picture.",
              "This is a black square image containing {objects}, drawn in flat colours."]
@@ -32,8 +31,7 @@ def describe(objects: list[Detection], phrasing: str = PHRASINGS[0]) -> str:
     if not groups:
         return EMPTY
     order = sorted(groups, key=lambda key: (-groups[key], COLOURS.index(key[0]), SHAPES.index(key[1])))
-    parts = [f"{NUMBER_WORDS[min(groups[key], 10)]} {key[0]} {key[1]}{'s' if groups[key] > 1 else ''}"
-             for key in order]
+    parts = [caption(min(groups[key], 10), *key) for key in order]  # more than ten objects: "ten"
     return phrasing.format(objects=" and ".join(parts))
 
 

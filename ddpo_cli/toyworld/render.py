@@ -11,6 +11,8 @@ import random
 
 import numpy as np
 
+from ..prompts import NUMBER_WORDS
+
 SIZE = 32
 BACKGROUND = (0, 0, 0)
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -23,8 +25,9 @@ GAP = 2                      # minimum empty pixels between two shapes' bounding
 
 
 def caption(count: int, colour: str, shape: str) -> str:
-    """``(3, "blue", "square") -> "three blue squares"``."""
-    return f"{COUNT_WORDS[count]} {colour} {shape}{'s' if count > 1 else ''}"
+    """``(3, "blue", "square") -> "three blue squares"`` (any count 1-12: the toy world's captioner writes more than
+    the 1-4 the world draws)."""
+    return f"{NUMBER_WORDS[count]} {colour} {shape}{'s' if count > 1 else ''}"
 
 
 def metadata(count: int, colour: str, shape: str) -> dict:
