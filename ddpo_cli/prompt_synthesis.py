@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import transformers
 
 from .errors import UserError
-from .prompts import NUMBER_WORDS, PromptSet, singular
+from .prompts import PromptSet, number_value, singular
 from .rewards._errors import brief
 from .rewards.vlm import ServerVLM, _dtype_kwarg
 from .runtime import WEIGHT_DTYPES, derive_seed, resolve_precision
@@ -65,11 +65,9 @@ def normalise(prompt: str) -> str:
 
 
 def slot_value(text: str) -> int | str:
-    """A slot's value: digits or a number word (``one`` .. ``twelve``) become an int, anything else stays text."""
-    lowered = text.lower()
-    if lowered.isdigit():
-        return int(lowered)
-    return NUMBER_WORDS.index(lowered) if lowered in NUMBER_WORDS else text
+    """A slot's value: digits or a number word (``zero`` .. ``twelve``) become an int, anything else stays text."""
+    value = number_value(text)
+    return text if value is None else value
 
 
 class Template:

@@ -71,6 +71,14 @@ def read_lines(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def number_value(word: str) -> int | None:
+    """``"3"`` / ``"three"`` (any case) -> 3: digits, or a word of :data:`NUMBER_WORDS` (zero to twelve); else None."""
+    lowered = word.lower()
+    if lowered.isdigit():
+        return int(lowered)
+    return NUMBER_WORDS.index(lowered) if lowered in NUMBER_WORDS else None
+
+
 def article(word: str) -> str:
     """'a' or 'an' for ``word`` by its first letter (enough for our word lists)."""
     return "an" if word[:1].lower() in "aeiou" else "a"

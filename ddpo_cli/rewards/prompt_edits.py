@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from ..prompts import NUMBER_WORDS, plural
+from ..prompts import NUMBER_WORDS, number_value, plural
 
 EDIT_KINDS = ("count", "colour", "object", "negation")
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray"]
@@ -31,12 +31,10 @@ def words_of(prompt: str) -> list[str]:
     return _WORD.findall(prompt)
 
 
-def number_value(word: str) -> int | None:
-    """``"three"`` / ``"3"`` -> 3 (1-12); anything else -> None."""
-    if word.isdigit():
-        return int(word) if 1 <= int(word) < len(NUMBER_WORDS) else None
-    lowered = word.lower()
-    return NUMBER_WORDS.index(lowered) if lowered in NUMBER_WORDS[1:] else None
+def count_value(word: str) -> int | None:
+    """``"three"`` / ``"3"`` -> 3 for the counts 1-12 edits are made of; anything else -> None."""
+    value = number_value(word)
+    return value if value is not None and 1 <= value < len(NUMBER_WORDS) else None
 
 
 def object_of(metadata: dict) -> str | None:
@@ -51,10 +49,10 @@ def replace_word(prompt: str, old: str, new: str) -> str:
 
 def count_edits(prompt: str, metadata: dict, span: int) -> list[str]:
     """The prompt with its first number changed to each other number within ``span`` (and the noun re-inflected)."""
-    number_word = next((w for w in words_of(prompt) if number_value(w) is not None), None)
+    number_word = next((w for w in words_of(prompt) if count_value(w) is not None), None)
     if number_word is None:
         return []
-    n, noun = number_value(number_word), object_of(metadata)
+    n, noun = count_value(number_word), object_of(metadata)
     edits = []
     for m in range(max(1, n - span), min(len(NUMBER_WORDS) - 1, n + span) + 1):
         if m == n:
@@ -95,7 +93,7 @@ def negation_edit(prompt: str) -> list[str]:
     words = prompt.split()
     if not words:
         return []
-    if number_value(words[0]) is not None or words[0].lower() in ("a", "an", "the", "some"):
+    if count_value(words[0]) is not None or words[0].lower() in ("a", "an", "the", "some"):
         words = words[1:]
     return [" ".join(["no", *words])] if words else []
 
