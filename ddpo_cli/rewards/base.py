@@ -20,6 +20,7 @@ moved to a GPU in ``__init__``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UserError
 
@@ -75,6 +76,14 @@ class Reward:
             raise UserError(f"reward {self.name} returned {shown} for {n} images: a reward returns one number per "
                             f"image (a float tensor or list of length {n})")
         return rewards.float().reshape(-1)
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B,3,H,W]`` -> ``[B,3,size,size]`` (area interpolation when shrinking, bilinear when enlarging)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    mode = "area" if images.shape[-1] > size else "bilinear"
+    return F.interpolate(images.float(), size=(size, size), mode=mode)
 
 
 def to_uint8_hwc(images: torch.Tensor):

@@ -13,10 +13,9 @@ the other two terms. With no object at all the colour and shape terms are 0.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..toyworld.detect import check, detect
-from .base import Reward, to_uint8_hwc
+from .base import Reward, resize_square, to_uint8_hwc
 
 
 class ShapesCounting(Reward):
@@ -35,16 +34,9 @@ class ShapesCounting(Reward):
         self.count_weight, self.colour_weight, self.shape_weight = count_weight, colour_weight, shape_weight
         self.size, self.min_area = size, min_area
 
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> ``[B, 3, size, size]`` (area when shrinking, bilinear when enlarging)."""
-        if images.shape[-2:] == (self.size, self.size):
-            return images
-        mode = "area" if images.shape[-1] > self.size else "bilinear"
-        return F.interpolate(images.float(), size=(self.size, self.size), mode=mode)
-
     def score(self, images, prompts, metadata):
         results = [check(detect(array, self.min_area), meta)
-                   for array, meta in zip(to_uint8_hwc(self.resize(images)), metadata)]
+                   for array, meta in zip(to_uint8_hwc(resize_square(images, self.size)), metadata)]
         rewards = [self.count_weight / (1 + abs(r["detected_count"] - meta["count"]))
                    + self.colour_weight * r["colour_frac"] + self.shape_weight * r["shape_frac"]
                    for r, meta in zip(results, metadata)]
