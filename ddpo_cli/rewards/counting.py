@@ -73,13 +73,21 @@ class OwlCounter:
         return [count_boxes(s, b, self.threshold, self.nms_iou) for s, b in zip(scores, outputs.pred_boxes)]
 
 
-def count_boxes(scores: torch.Tensor, boxes: torch.Tensor, threshold: float, nms_iou: float) -> int:
-    """``scores [P]``, ``boxes [P,4]`` (cx, cy, w, h) -> boxes above ``threshold`` left after NMS at ``nms_iou``."""
+def boxes_kept(scores: torch.Tensor, boxes: torch.Tensor, threshold: float,
+               nms_iou: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores [P]``, ``boxes [P,4]`` (cx, cy, w, h) -> the scores ``[K]`` and corners ``[K,4]`` (x1, y1, x2, y2) of
+    the boxes above ``threshold`` left after NMS at ``nms_iou``, most confident first."""
     from torchvision.ops import box_convert, nms
 
     keep = scores > threshold
-    corners = box_convert(boxes[keep].float(), "cxcywh", "xyxy")
-    return len(nms(corners, scores[keep].float(), nms_iou))
+    scores, corners = scores[keep].float(), box_convert(boxes[keep].float(), "cxcywh", "xyxy")
+    order = nms(corners, scores, nms_iou)  # sorted by score, best first
+    return scores[order], corners[order]
+
+
+def count_boxes(scores: torch.Tensor, boxes: torch.Tensor, threshold: float, nms_iou: float) -> int:
+    """``scores [P]``, ``boxes [P,4]`` (cx, cy, w, h) -> boxes above ``threshold`` left after NMS at ``nms_iou``."""
+    return len(boxes_kept(scores, boxes, threshold, nms_iou)[0])
 
 
 class ObjectCounting(Reward):

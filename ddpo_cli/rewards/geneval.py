@@ -41,9 +41,9 @@ from ..errors import UserError
 from ..toyworld.detect import detect
 from ..toyworld.render import COLOURS as TOY_COLOURS
 from ..toyworld.render import SHAPES
-from .base import Reward, to_uint8_hwc
+from .base import Reward, resize_square, to_uint8_hwc
 from .clip import load_open_clip
-from .counting import OwlCounter
+from .counting import OwlCounter, boxes_kept
 from .vlm import to_pil
 
 GENEVAL_COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
@@ -162,18 +162,11 @@ class ShapesDetector:
         """``[B,3,H,W]`` in [0,1] -> per image, class -> its objects, largest first."""
         kinds = {name: self.kind(name) for name in classes}
         results = []
-        for array in to_uint8_hwc(self.resize(images)):
+        for array in to_uint8_hwc(resize_square(images, self.size)):
             objects = sorted(detect(array, self.min_area), key=lambda d: -d.area)
             results.append({name: [Found((d.bbox[1], d.bbox[0], d.bbox[3], d.bbox[2]), d.area, d.colour)
                                    for d in objects if d.shape == kind] for name, kind in kinds.items()})
         return results
-
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B,3,H,W]`` -> ``[B,3,size,size]`` (area when shrinking, bilinear when enlarging)."""
-        if images.shape[-2:] == (self.size, self.size):
-            return images
-        mode = "area" if images.shape[-1] > self.size else "bilinear"
-        return F.interpolate(images.float(), size=(self.size, self.size), mode=mode)
 
     def colours(self, image: torch.Tensor, objects: list[Found], name: str) -> list[str]:
         """The colours found with the objects (exact in the toy world)."""
@@ -202,8 +195,6 @@ class OwlDetector:
     @torch.no_grad()
     def find(self, images: torch.Tensor, classes: list[str]) -> list[dict[str, list[Found]]]:
         """``[B,3,H,W]`` in [0,1] -> per image, class -> its objects, most confident first."""
-        from torchvision.ops import box_convert
-
         pil_images, side = to_pil(images), max(images.shape[-2:])
         queries = [self.query.format_map({"class": name}) for name in classes]
         results = []
@@ -212,18 +203,15 @@ class OwlDetector:
             inputs = self.owl.processor(text=[queries] * len(chunk), images=chunk, return_tensors="pt")
             outputs = self.owl.model(**inputs.to(self.device))
             for scores, boxes in zip(outputs.logits.sigmoid().float(), outputs.pred_boxes.float()):  # [P,Q], [P,4]
-                corners = box_convert(boxes, "cxcywh", "xyxy") * side
-                results.append({name: self.keep(scores[:, q], corners) for q, name in enumerate(classes)})
+                results.append({name: self.keep(scores[:, q], boxes * side) for q, name in enumerate(classes)})
         return results
 
-    def keep(self, scores: torch.Tensor, corners: torch.Tensor) -> list[Found]:
-        """``scores [P]``, ``corners [P,4]`` (pixels) -> the objects above the threshold after NMS, best first."""
-        from torchvision.ops import nms
-
-        above = scores > self.owl.threshold
-        scores, corners = scores[above], corners[above]
-        order = nms(corners, scores, self.owl.nms_iou)[:self.max_objects]  # sorted by score, best first
-        return [Found(tuple(corners[i].tolist()), float(scores[i])) for i in order]
+    def keep(self, scores: torch.Tensor, boxes: torch.Tensor) -> list[Found]:
+        """``scores [P]``, ``boxes [P,4]`` (cx, cy, w, h in pixels) -> the objects above the threshold after NMS,
+        best first, at most ``max_objects``."""
+        scores, corners = boxes_kept(scores, boxes, self.owl.threshold, self.owl.nms_iou)
+        return [Found(tuple(box), float(score))
+                for score, box in zip(scores[:self.max_objects].tolist(), corners[:self.max_objects].tolist())]
 
     @torch.no_grad()
     def colours(self, image: torch.Tensor, objects: list[Found], name: str) -> list[str]:
