@@ -93,6 +93,9 @@ class SamplerConfig:
     batch_size: int = 1           # per device
     num_batches_per_epoch: int = 2
     group_size: int = 1           # k images per prompt from the same initial noise (group advantages)
+    branch: bool = False          # trajectory branching: a group shares every noise draw but one trained step's
+    # (a step of the training window, one per group), and trains only that step, so the group's advantages measure
+    # that step's noise alone (TempFlow-GRPO's branching; the other steps keep their noise, drawn once per group)
 
 
 @dataclass
@@ -289,7 +292,7 @@ def derive_counts(cfg: DictConfig, num_processes: int = 1) -> Counts:
             f"train.gradient_accumulation_steps = {t.batch_size} x {t.gradient_accumulation_steps} = {step_samples}")
     window = step_window(s.num_steps, t.timestep_window)
     trainable = tuple(i for i in stochastic_steps_of(cfg) if window[0] <= i < window[1])
-    train_timesteps = max(1, int(round(len(trainable) * t.timestep_fraction)))
+    train_timesteps = 1 if s.branch else max(1, int(round(len(trainable) * t.timestep_fraction)))
     return Counts(num_processes=num_processes, samples_per_epoch=per_process * num_processes,
                   samples_per_process=per_process, train_timesteps=train_timesteps, window=window, trainable=trainable,
                   updates_per_epoch=per_process // step_samples * t.num_inner_epochs,
@@ -393,6 +396,9 @@ def check_values(cfg: DictConfig) -> None:
              f"advantage.mode={a.mode!r}: choose per_prompt, batch or group")
     _require(a.mode != "group" or s.group_size > 1,
              "advantage.mode=group needs sampler.group_size > 1 (k images per prompt)")
+    _require(not s.branch or a.mode == "group",
+             f"sampler.branch=true compares the images of a group, which differ only at one step: use "
+             f"advantage.mode=group (not {a.mode}) with sampler.group_size > 1")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
     if cfg.log.tracker == "wandb":
@@ -452,7 +458,7 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
              f" holds none of the sampler's stochastic steps ({_ranges(stochastic_steps_of(cfg))}): widen it, or "
              f"move sampler.sde_window into it")
     _require(cfg.advantage.mode != "group" or algorithm.targets == "advantages",
-             f"advantage.mode=group works with policy-gradient algorithms (ddpo_is, ddpo_sf, dpok), not "
+             f"advantage.mode=group works with algorithms that take advantages (ddpo_is, ddpo_sf, dpok, nft), not "
              f"{algorithm.name}")
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
     heldout_name = cfg.log.paired.heldout

@@ -30,10 +30,16 @@ class Trajectory:
     log_probs: torch.Tensor     # [B, T]           log pi_old(x_next | x, c) (0 for deterministic steps)
     steps: torch.Tensor         # [B, T]           step indices (long)
     final: torch.Tensor         # [B, C, h, w]     clean latents (for decoding)
+    outputs: torch.Tensor | None = None  # [B, T, C, h, w] the denoiser output (after CFG) of each step, if recorded
+    branch: torch.Tensor | None = None   # [B] the step whose noise is the sample's own (trajectory branching), if any
 
     @staticmethod
     def cat(parts: list["Trajectory"]) -> "Trajectory":
-        return Trajectory(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectory)))
+        def joined(name: str):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Trajectory(*(joined(f.name) for f in fields(Trajectory)))
 
 
 @dataclass
@@ -48,17 +54,33 @@ class EpochSamples:
     info: dict = field(default_factory=dict)
 
 
-NoiseSource = Callable[[], torch.Tensor]  # the next standard normal draw [B, C, h, w] (fp32)
+NoiseSource = Callable[[int], torch.Tensor]  # the standard normal draw [B, C, h, w] (fp32) for step i, in order
 
 
 def generator_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> NoiseSource:
     """Draws of one generator (training: one generator per epoch and process)."""
-    return lambda: torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return lambda step=None: torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 def per_image_noise(shape: tuple[int, ...], generators: list[torch.Generator], device) -> NoiseSource:
     """Draws of one CPU generator per image, so an image does not depend on its batch (``ddpo sample`` / eval)."""
-    return lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    return lambda step=None: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def branched_noise(shape: tuple[int, ...], group_size: int, branch: torch.Tensor, generator: torch.Generator | None,
+                   device) -> NoiseSource:
+    """Trajectory branching: image ``b`` (of group ``b // group_size``) gets its own draw at step ``branch[b]`` and
+    its group's shared draw at every other step. Both draws are made at every step (the stream does not depend on
+    ``branch``)."""
+    groups = shape[0] // group_size
+
+    def draw(step: int) -> torch.Tensor:
+        shared = torch.randn((groups, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
+        own = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        mine = (branch == step).reshape(-1, *([1] * (len(shape) - 1)))
+        return torch.where(mine, own, shared.repeat_interleave(group_size, dim=0))
+
+    return draw
 
 
 @torch.no_grad()
@@ -67,23 +89,24 @@ def images_from_seeds(model: ModelFamily, sampler: Sampler, denoiser, prompts: l
     """Images ``[N,3,H,W]`` in [0, 1] of ``prompts``: one CPU generator per image, seeded ``seeds[i]``, draws its
     initial noise and every stochastic step's noise, so image ``i`` does not depend on the batch it is drawn in."""
     noise = per_image_noise(model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds], device)
-    final, _ = run_chain(model, sampler, denoiser, noise(), model.encode(prompts), guidance, noise)
+    final, _ = run_chain(model, sampler, denoiser, noise(None), model.encode(prompts), guidance, noise)
     return model.decode(final)
 
 
 def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, cond: Conditioning, guidance: float,
               noise: NoiseSource | None = None, record: bool = False, keep_grad: list[bool] | None = None,
-              checkpoint_denoiser: bool = False) -> tuple[torch.Tensor, Trajectory | None]:
+              checkpoint_denoiser: bool = False, record_outputs: bool = False) -> tuple[torch.Tensor, Trajectory | None]:
     """The chain from ``x [B,C,h,w]`` (initial noise) to clean latents; returns ``(final, trajectory or None)``.
 
-    ``noise`` supplies each stochastic step's draw (after the step's denoiser call). ``keep_grad[i]`` says whether
+    ``noise(i)`` supplies stochastic step i's draw (after the step's denoiser call). ``keep_grad[i]`` says whether
     step i's denoiser output keeps its gradient (reward backprop; None = no step does). Detached outputs still pass
     gradient along the latent chain. Run under ``torch.no_grad()`` when nothing keeps a gradient.
+    ``record_outputs`` also keeps each step's denoiser output in the trajectory (the old policy's predictions).
     """
     x = x.float()
     batch = x.shape[0]
     uncond = model.negative
-    before, after, log_probs, steps = [], [], [], []
+    before, after, log_probs, steps, outputs = [], [], [], [], []
     for i in range(sampler.num_steps):
         step = torch.full((batch,), i, dtype=torch.long, device=x.device)
         t = sampler.model_time(step)
@@ -98,7 +121,7 @@ def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, c
                 output = predict(x)
         if sampler.is_stochastic(i):
             mean, std = sampler.step_distribution(output, x, step)
-            x_next = mean + std * noise()
+            x_next = mean + std * noise(i)
             log_prob = gaussian_log_prob(x_next.detach(), mean, std) if record else None
         else:
             x_next = sampler.step(output, x, step)
@@ -108,22 +131,25 @@ def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, c
             after.append(x_next.detach())
             log_probs.append(log_prob)
             steps.append(step)
+            if record_outputs:
+                outputs.append(output.detach().float())
         x = x_next
     if not record:
         return x, None
     return x, Trajectory(torch.stack(before, 1), torch.stack(after, 1), torch.stack(log_probs, 1),
-                         torch.stack(steps, 1), x)
+                         torch.stack(steps, 1), x, torch.stack(outputs, 1) if record_outputs else None)
 
 
 # ----------------------------------------------------------------------------------------------- update step
 def policy_step(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.Tensor, next_latents: torch.Tensor,
                 steps: torch.Tensor, cond: Conditioning, guidance: float) -> dict[str, torch.Tensor]:
-    """For (sample, step) pairs: ``log pi(next | latents, c)`` ``[P]``, the step's ``mean``, ``std`` and the
-    denoiser ``output`` (after CFG), with the same maths and guidance as sampling (ratio == 1 before an update)."""
+    """For (sample, step) pairs: ``log pi(next | latents, c)`` ``[P]``, the step's ``mean``, ``std``, the
+    denoiser ``output`` (after CFG) and the ``clean_estimate`` it implies, with the same maths and guidance as
+    sampling (ratio == 1 before an update)."""
     output = model.predict(denoiser, latents, sampler.model_time(steps), cond, model.negative, guidance)
     mean, std = sampler.step_distribution(output, latents, steps)
     return {"log_prob": gaussian_log_prob(next_latents.detach().float(), mean, std), "mean": mean, "std": std,
-            "output": output}
+            "output": output, "clean_estimate": sampler.clean_estimate(output, latents, steps)}
 
 
 def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.Tensor,

@@ -32,14 +32,15 @@ from .models import adapters_disabled, load_model, resolve_model_path
 from .probe import Probe, paired_gain, plan_probe, probe_images, probe_scores
 from .prompts import HELDOUT_PROMPTS_FILE, PROMPTS_FILE
 from .runs import lock_run, supersede_after
-from .rollout import EpochSamples, Trajectory, denoising_errors, generator_noise, kl_to_base, policy_step, run_chain
+from .rollout import (EpochSamples, Trajectory, branched_noise, denoising_errors, generator_noise, kl_to_base,
+                      policy_step, run_chain)
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
 from .schedules import learning_rate
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
-POLICY_TENSORS = {"log_prob", "mean", "std", "output"}
+POLICY_TENSORS = {"log_prob", "mean", "std", "output", "clean_estimate"}
 BASE_TENSORS = {"base_mean", "base_output"}
 
 
@@ -233,15 +234,32 @@ class Trainer:
 
     @torch.no_grad()
     def sample_batch(self, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
-        """Chains with log-probs from the current policy, one initial noise per group, and their images."""
+        """Chains with log-probs from the current policy, one initial noise per group, and their images. With
+        ``sampler.branch`` each group also shares its step noise except at one trained step (its branch step)."""
         group, shape = self.cfg.sampler.group_size, self.model.latent_shape()
         noise = torch.randn((len(prompts) // group, *shape), generator=generator, device=self.device)
         noise = noise.repeat_interleave(group, dim=0)  # [B, C, h, w]
+        branch = self.branch_steps(len(prompts) // group, generator) if self.cfg.sampler.branch else None
+        step_noise = (branched_noise(noise.shape, group, branch, generator, self.device) if branch is not None else
+                      generator_noise(noise.shape, generator, self.device))
         with self.accelerator.autocast():
             _, trajectory = run_chain(self.model, self.sampler, self.accelerator.unwrap_model(self.denoiser), noise,
-                                      self.model.encode(prompts), self.cfg.sampler.guidance_scale,
-                                      generator_noise(noise.shape, generator, self.device), record=True)
+                                      self.model.encode(prompts), self.cfg.sampler.guidance_scale, step_noise,
+                                      record=True, record_outputs="old_clean_estimate" in self.algo.needs)
+        trajectory.branch = branch
         return trajectory, self.model.decode(trajectory.final)
+
+    def trainable_steps(self) -> torch.Tensor:
+        """The stochastic steps of the training window this epoch (an SDE window may slide)."""
+        first, end = self.counts.window
+        return torch.tensor([i for i in range(first, end) if self.sampler.is_stochastic(i)])
+
+    def branch_steps(self, groups: int, generator: torch.Generator) -> torch.Tensor:
+        """``[B]`` each image's branch step: the trainable steps in turn over the groups from a random start."""
+        trainable = self.trainable_steps()
+        start = int(torch.randint(len(trainable), (1,), generator=generator, device=generator.device))
+        per_group = trainable[(start + torch.arange(groups)) % len(trainable)]
+        return per_group.repeat_interleave(self.cfg.sampler.group_size).to(self.device)
 
     def submit_reward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         if self.cfg.log.async_reward:
@@ -280,14 +298,15 @@ class Trainer:
                                                               "shuffle"))
         totals: dict[str, float] = {}
         updates = 0
-        first_step, end_step = self.counts.window
-        trainable = torch.tensor([i for i in range(first_step, end_step) if self.sampler.is_stochastic(i)])
+        trainable = self.trainable_steps()
         per_update = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
         self.denoiser.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
             steps = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)]
                                  for _ in range(n_samples)])[:, : self.counts.train_timesteps]   # [B, T_train]
+            if samples.trajectory.branch is not None:   # trajectory branching trains each image's branch step
+                steps = samples.trajectory.branch.cpu()[:, None]
             for first in range(0, n_samples, per_update):
                 sample_ids = order[first:first + per_update]
                 for key, value in self.update(samples, targets, sample_ids, steps[sample_ids]).items():
@@ -338,6 +357,11 @@ class Trainer:
             with torch.no_grad(), adapters_disabled(base_denoiser):
                 base = self.policy_step(base_denoiser, traj, cond, rows, cols)
             out.update(base_mean=base["mean"], base_output=base["output"])
+        if "old_clean_estimate" in needs:
+            out["old_clean_estimate"] = self.sampler.clean_estimate(traj.outputs[rows, cols], traj.latents[rows, cols],
+                                                                    traj.steps[rows, cols])
+        if "clean_latents" in needs:
+            out["clean_latents"] = traj.final[rows].float()
         if "errors" in needs:
             out["errors"] = denoising_errors(self.model, self.sampler, self.denoiser, traj.final[rows], cond)
         return {key: out[key] for key in (*self.algo.needs, self.algo.targets)}

@@ -95,7 +95,7 @@ def test_composition_errors_are_one_line(override, message):
     ("algo=alignprop reward=clip_score algo.truncation=fixed", "keep_steps"),
     ("algo=alignprop reward=clip_score algo.truncation=sometimes", "truncation"),
     ("algo=dpok algo.kl_weighting=exact", "kl_weighting"),
-    ("algo=rwr advantage.mode=group sampler.group_size=2 sampler.batch_size=2", "policy-gradient"),
+    ("algo=rwr advantage.mode=group sampler.group_size=2 sampler.batch_size=2", "take advantages"),
 ])
 def test_validation_errors(override, message):
     try:

@@ -91,13 +91,13 @@ def sdxl_sweep(tmp_path_factory, cache_dir) -> Path:
     differentiable, so the backprop algorithms run too)."""
     sweep = tmp_path_factory.mktemp("sdxl")
     ok(run_cli("train", "-m", "model=tiny_sdxl", *STEPS, "train.num_epochs=1", "reward=custom",
-               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
+               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
 
 def test_every_algorithm_runs_on_sdxl(sdxl_sweep):
     jobs = sorted(sdxl_sweep.glob("job_*"))
-    assert len(jobs) == 8
+    assert len(jobs) == 9
     for job in jobs:
         algo = next(o.split("=")[1] for o in (job / ".hydra" / "overrides.yaml").read_text().split()
                     if o.startswith("algo="))
@@ -151,13 +151,13 @@ def sd3_sweep(tmp_path_factory, cache_dir) -> Path:
     """Every algorithm, one epoch each, on the tiny SD3 (flow) model with Flow-GRPO's SDE, in one process."""
     sweep = tmp_path_factory.mktemp("sd3")
     ok(run_cli("train", "-m", "model=tiny_sd3", "sampler=flow_sde", *STEPS, "train.num_epochs=1", "reward=custom",
-               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
+               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
 
 def test_every_algorithm_runs_on_sd3(sd3_sweep):
     jobs = sorted(sd3_sweep.glob("job_*"))
-    assert len(jobs) == 8
+    assert len(jobs) == 9
     for job in jobs:
         algo = next(o.split("=")[1] for o in (job / ".hydra" / "overrides.yaml").read_text().split()
                     if o.startswith("algo="))
@@ -200,7 +200,7 @@ def flux_sweep(tmp_path_factory, cache_dir) -> Path:
     sweep = tmp_path_factory.mktemp("flux")
     ok(run_cli("train", "-m", "model=tiny_flux", "sampler=flow_sde", "sampler.guidance_scale=3.5", *STEPS,
                "train.num_epochs=1", "reward=custom",
-               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
+               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
 
@@ -212,7 +212,7 @@ def test_every_algorithm_runs_on_flux_and_its_lora_loads_in_plain_diffusers(flux
     from ddpo_cli.models.tiny import materialise_tiny
 
     jobs = sorted(flux_sweep.glob("job_*"))
-    assert len(jobs) == 8
+    assert len(jobs) == 9
     for job in jobs:
         row = read_metrics(job)[0]
         baseline = "algo=baseline" in (job / ".hydra" / "overrides.yaml").read_text()

@@ -14,6 +14,9 @@
   ``output``        [P,C,h,w]  the current denoiser output after CFG
   ``base_mean`` / ``base_output``  the same for the base model (adapter disabled, no gradient)
   ``errors``        [P]  the family's denoising loss on the sample's clean latents at a random noise level
+  ``clean_estimate``      [P,C,h,w]  the clean latents the current policy's output implies at the stored step
+  ``old_clean_estimate``  [P,C,h,w]  the same from the output recorded when sampling (the old policy)
+  ``clean_latents``       [P,C,h,w]  the sample's final latents
 
 A backprop algorithm's ``loss(rewards)`` takes the rewards of images generated with the graph kept.
 ``check(cfg, reward)`` validates the algorithm's settings against the run (raise UserError) before anything starts.
@@ -41,7 +44,7 @@ class Algorithm:
                             if s.name == "ddim" else
                             f"sampler={s.name} (noise_level={s.noise_level}) has no stochastic step, and the policy "
                             f"needs noise: use flow_sde (Flow-GRPO), dance_sde or flow_cps with noise_level > 0")
-        if "log_prob" not in self.needs:
+        if "log_prob" not in self.needs and "old_clean_estimate" not in self.needs:
             return
         if not cfg.train.cfg and cfg.sampler.guidance_scale != 1:
             raise UserError(f"train.cfg=false trains a policy without the guidance the samples were drawn with "

@@ -165,6 +165,12 @@ class DDIMSampler:
         a_t, a_prev = self.schedule.alphas(self.model_time(steps))
         return ddim_mean_std(output, x_t, a_t, a_prev, self.eta, self.schedule.prediction_type)
 
+    def clean_estimate(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The clean latents ``x0_hat [N,C,h,w]`` the denoiser ``output`` implies at ``x_t`` (fp32; affine in
+        ``output``)."""
+        a_t, _ = self.schedule.alphas(self.model_time(steps))
+        return x0_and_eps(output.float(), x_t.float(), _expand(a_t.float(), x_t), self.schedule.prediction_type)[0]
+
     def step(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """The deterministic DDIM step (eta = 0) of inference."""
         a_t, a_prev = self.schedule.alphas(self.model_time(steps))

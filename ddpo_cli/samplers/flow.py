@@ -120,6 +120,12 @@ class FlowSampler:
         s, s_next = self._levels(steps, x)
         return sde_mean_std(self.kind, self.noise_level, v, x, s, s_next, float(self.sigmas[1]))
 
+    def clean_estimate(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The clean latents the velocity implies at ``x_t``: ``x0_hat = x_s - s v`` (fp32)."""
+        x = x_t.float()
+        s, _ = self._levels(steps, x)
+        return x - s * output.float()
+
     def step(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """The Euler step of the ODE (``FlowMatchEulerDiscreteScheduler.step``): ``x + (s_next - s) v``."""
         x = x_t.float()
