@@ -99,6 +99,17 @@ class SamplerConfig:
 
 
 @dataclass
+class PreserveConfig:
+    """Prior preservation: keep the policy's output on other prompts at the base model's (adapter off), so that what
+    a run learns on its prompts does not spill into the rest of the model. 0 = off."""
+    weight: float = 0.0           # loss += weight x mean squared difference of the guided outputs, policy vs base
+    prompts: Optional[str] = None  # a prompts option (conf/prompts) to draw them from; the run's own prompts are
+    # left out (e.g. shapes_train: the other toy-world training combos; the held-out set is never used)
+    pairs: int = 16               # (state, prompt) pairs per optimizer step: a stored state of this epoch's chains
+    # at a trained step, under a prompt drawn from the set
+
+
+@dataclass
 class TrainConfig:
     num_epochs: int = 100
     batch_size: int = 1           # samples per device per micro-batch
@@ -122,6 +133,7 @@ class TrainConfig:
     # on CPUs with bf16 units)
     nonfinite_rewards: str = "stop"  # stop: a NaN/inf reward ends the run with one line naming it; drop: train
     # without those samples (their advantage / weight is 0; counted as nonfinite_rewards in metrics.jsonl)
+    preserve: PreserveConfig = field(default_factory=PreserveConfig)
 
 
 @dataclass
@@ -321,6 +333,7 @@ class RunPlan:
     resume: Optional[Path]
     warnings: list[str] = field(default_factory=list)  # settings that run but deserve a word at start-up
     heldout: Any = None           # the prompt set of log.paired.heldout, if any
+    preserve: Any = None          # the prompts of train.preserve (the run's own left out), if any
 
 
 def _require(ok: bool, message: str) -> None:
@@ -463,7 +476,26 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
     heldout_name = cfg.log.paired.heldout
     heldout = build(group_option("prompts", heldout_name), "prompts") if heldout_name else None
-    return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts), heldout)
+    return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts), heldout,
+                   preserve_prompts(cfg, algorithm, prompts))
+
+
+def preserve_prompts(cfg: DictConfig, algorithm, prompts) -> list[str] | None:
+    """The prompts of ``train.preserve`` without the run's own, checked; None when preservation is off."""
+    p = cfg.train.preserve
+    if p.weight == 0:
+        return None
+    _require(p.weight > 0, f"train.preserve.weight={p.weight}: use > 0, or 0 to switch preservation off")
+    _require(p.pairs >= 1, f"train.preserve.pairs={p.pairs}: must be >= 1")
+    _require(bool(p.prompts), "train.preserve.weight > 0 needs train.preserve.prompts: a prompt set to preserve "
+                              "(e.g. shapes_train)")
+    _require(algorithm.rollout == "sample", f"train.preserve works with sample-based algorithms (its states are "
+                                            f"the sampled chains'), not {algorithm.name}")
+    own = set(prompts.prompts)
+    others = [q for q in build(group_option("prompts", p.prompts), "prompts").prompts if q not in own]
+    _require(bool(others), f"train.preserve.prompts={p.prompts} holds only the run's own prompts: choose a set "
+                           f"with others")
+    return others
 
 
 def validate(cfg: DictConfig) -> RunPlan:

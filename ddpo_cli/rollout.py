@@ -152,6 +152,17 @@ def policy_step(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.T
             "output": output, "clean_estimate": sampler.clean_estimate(output, latents, steps)}
 
 
+def output_drift(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.Tensor, steps: torch.Tensor,
+                 cond: Conditioning, guidance: float) -> torch.Tensor:
+    """``[P]`` mean squared difference between the policy's guided output and the base model's (the same denoiser,
+    adapter off, no gradient) at states ``latents`` of step indices ``steps`` (prior preservation)."""
+    t = sampler.model_time(steps)
+    policy = model.predict(denoiser, latents, t, cond, model.negative, guidance)
+    with torch.no_grad(), adapters_disabled(denoiser):
+        base = model.predict(denoiser, latents, t, cond, model.negative, guidance)
+    return ((policy.float() - base.float()) ** 2).mean(dim=tuple(range(1, latents.ndim)))
+
+
 def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.Tensor,
                      cond: Conditioning) -> torch.Tensor:
     """Per-pair mean squared error ``[P]`` of the family's training loss at a random training time (no CFG)."""

@@ -33,7 +33,7 @@ from .probe import Probe, paired_gain, plan_probe, probe_images, probe_scores
 from .prompts import HELDOUT_PROMPTS_FILE, PROMPTS_FILE
 from .runs import lock_run, supersede_after
 from .rollout import (EpochSamples, Trajectory, branched_noise, denoising_errors, generator_noise, kl_to_base,
-                      policy_step, run_chain)
+                      output_drift, policy_step, run_chain)
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
@@ -52,7 +52,7 @@ class Trainer:
     def setup(self) -> None:
         """Plan (validate once), then the accelerator, the model and sampler, the optimizer; resume."""
         cfg = self.cfg
-        plan = self.plan or plan_run(cfg)
+        plan = self.plan = self.plan or plan_run(cfg)
         set_threads(cfg.threads)
         quiet_libraries()
         resolve_model_path(cfg.model)  # a tiny model is built and saved before any process group exists
@@ -326,6 +326,11 @@ class Trainer:
         n_pairs = rows.numel()
         chunk = self.cfg.train.batch_size * self.cfg.train.timesteps_per_forward
         sums: dict[str, float] = {}
+        if self.plan.preserve:
+            with self.accelerator.no_sync(self.denoiser), self.accelerator.autocast():
+                drift = self.preservation_drift(samples, rows, cols)
+                self.accelerator.backward(self.cfg.train.preserve.weight * drift)
+            sums["preserve_drift"] = float(drift.detach())
         for first in range(0, n_pairs, chunk):
             r, c = rows[first:first + chunk], cols[first:first + chunk]
             sync = nullcontext() if first + chunk >= n_pairs else self.accelerator.no_sync(self.denoiser)
@@ -336,6 +341,19 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + float(value) * r.numel() / n_pairs
         sums["grad_norm"] = self.optimizer_step()
         return self.mean_over_processes(sums)
+
+    def preservation_drift(self, samples: EpochSamples, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Mean output drift from the base model (``train.preserve``) at ``pairs`` of this update's stored states,
+        each under a prompt drawn from the preserved set (a generator seeded by the optimizer step: exact resume)."""
+        p, traj = self.cfg.train.preserve, samples.trajectory
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.global_step,
+                                                              self.accelerator.process_index, "preserve"))
+        picked = torch.randint(rows.numel(), (p.pairs,), generator=generator)
+        prompts = [self.plan.preserve[i] for i in torch.randint(len(self.plan.preserve), (p.pairs,),
+                                                                 generator=generator).tolist()]
+        r, c = rows[picked], cols[picked]
+        return output_drift(self.model, self.sampler, self.denoiser, traj.latents[r, c], traj.steps[r, c],
+                            self.model.encode(prompts), self.cfg.sampler.guidance_scale).mean()
 
     def pair_loss(self, samples: EpochSamples, targets: torch.Tensor, rows: torch.Tensor,
                   cols: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -40,7 +40,7 @@ def test_branching_needs_group_advantages():
     with pytest.raises(UserError, match="sampler.branch=true"):
         plan_run(cfg)
     counts = plan_run(compose("train", ["experiment=quickstart", "sampler.branch=true"])).counts
-    assert counts.train_timesteps == 1 and counts.pairs_per_update == 16
+    assert counts.train_timesteps == 1 and counts.pairs_per_update == 64   # 64 samples per update, one step each
 
 
 def test_a_branched_group_differs_only_after_its_branch_step_and_trains_it(make_trainer):

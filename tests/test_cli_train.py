@@ -166,10 +166,12 @@ def test_every_algorithm_runs_end_to_end_in_one_sweep(tmp_path):
 
 
 def test_quickstart_smoke_run_and_its_eval(tmp_path):
-    # the README's main job, shortened to 2 epochs of one 32-image batch (4 groups x 8), then the README's eval
+    # the README's main job, shortened to 2 epochs of one 32-image batch (4 groups x 8) in updates of 16, then the
+    # README's eval
     run_dir = tmp_path / "quickstart"
     result = run_cli("train", "experiment=quickstart", "train.num_epochs=2", "sampler.num_batches_per_epoch=1",
-                     "log.tracker=none", "threads=2", f"hydra.run.dir={run_dir}")
+                     "train.gradient_accumulation_steps=1", "log.tracker=none", "threads=2",
+                     f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run_dir)
     assert [r["samples"] for r in rows] == [32, 32] and rows[1]["global_step"] == 4  # 32 / 16 = 2 updates per epoch
