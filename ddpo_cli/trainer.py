@@ -303,10 +303,11 @@ class Trainer:
         self.denoiser.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
-            steps = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)]
-                                 for _ in range(n_samples)])[:, : self.counts.train_timesteps]   # [B, T_train]
             if samples.trajectory.branch is not None:   # trajectory branching trains each image's branch step
                 steps = samples.trajectory.branch.cpu()[:, None]
+            else:
+                steps = torch.stack([trainable[torch.randperm(len(trainable), generator=generator)]
+                                     for _ in range(n_samples)])[:, : self.counts.train_timesteps]   # [B, T_train]
             for first in range(0, n_samples, per_update):
                 sample_ids = order[first:first + per_update]
                 for key, value in self.update(samples, targets, sample_ids, steps[sample_ids]).items():
