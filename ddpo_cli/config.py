@@ -96,6 +96,8 @@ class SamplerConfig:
     branch: bool = False          # trajectory branching: a group shares every noise draw but one trained step's
     # (a step of the training window, one per group), and trains only that step, so the group's advantages measure
     # that step's noise alone (TempFlow-GRPO's branching; the other steps keep their noise, drawn once per group)
+    antithetic: bool = False      # mirrored pairs in each group: the second image of a pair gets the negative of the
+    # first's noise at the trained steps and the same noise elsewhere (variance reduction; needs an even group_size)
 
 
 @dataclass
@@ -412,6 +414,9 @@ def check_values(cfg: DictConfig) -> None:
     _require(not s.branch or a.mode == "group",
              f"sampler.branch=true compares the images of a group, which differ only at one step: use "
              f"advantage.mode=group (not {a.mode}) with sampler.group_size > 1")
+    _require(not s.antithetic or (s.group_size % 2 == 0 and not s.branch),
+             f"sampler.antithetic=true pairs the images of a group (same initial noise): use an even "
+             f"sampler.group_size (not {s.group_size}) and sampler.branch=false")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
     if cfg.log.tracker == "wandb":

@@ -83,6 +83,23 @@ def branched_noise(shape: tuple[int, ...], group_size: int, branch: torch.Tensor
     return draw
 
 
+def mirrored_noise(shape: tuple[int, ...], mirrored_steps: torch.Tensor, generator: torch.Generator | None,
+                   device) -> NoiseSource:
+    """Antithetic (mirrored) pairs: images ``2j`` and ``2j+1`` share every draw, except that at ``mirrored_steps``
+    (the trained steps) image ``2j+1`` gets the negative of image ``2j``'s draw. Each image is still an ordinary
+    policy sample; a pair's rewards differ only through the trained steps' noise, so with the same advantage baseline
+    the pair's two score-function terms add to ``(r(+eps) - r(-eps)) d log pi(+eps)`` and the baseline cancels."""
+    pairs = shape[0] // 2
+    mirrored = {int(i) for i in mirrored_steps}
+
+    def draw(step: int) -> torch.Tensor:
+        first = torch.randn((pairs, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
+        second = -first if step in mirrored else first
+        return torch.stack([first, second], dim=1).reshape(shape)
+
+    return draw
+
+
 @torch.no_grad()
 def images_from_seeds(model: ModelFamily, sampler: Sampler, denoiser, prompts: list[str], seeds: list[int],
                       guidance: float, device) -> torch.Tensor:

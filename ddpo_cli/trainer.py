@@ -33,7 +33,7 @@ from .probe import Probe, paired_gain, plan_probe, probe_images, probe_scores
 from .prompts import HELDOUT_PROMPTS_FILE, PROMPTS_FILE
 from .runs import lock_run, supersede_after
 from .rollout import (EpochSamples, Trajectory, branched_noise, denoising_errors, generator_noise, kl_to_base,
-                      output_drift, policy_step, run_chain)
+                      mirrored_noise, output_drift, policy_step, run_chain)
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
@@ -235,13 +235,18 @@ class Trainer:
     @torch.no_grad()
     def sample_batch(self, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
         """Chains with log-probs from the current policy, one initial noise per group, and their images. With
-        ``sampler.branch`` each group also shares its step noise except at one trained step (its branch step)."""
+        ``sampler.branch`` each group also shares its step noise except at one trained step (its branch step); with
+        ``sampler.antithetic`` images come in mirrored pairs (the trained steps' noise negated, the rest shared)."""
         group, shape = self.cfg.sampler.group_size, self.model.latent_shape()
         noise = torch.randn((len(prompts) // group, *shape), generator=generator, device=self.device)
         noise = noise.repeat_interleave(group, dim=0)  # [B, C, h, w]
         branch = self.branch_steps(len(prompts) // group, generator) if self.cfg.sampler.branch else None
-        step_noise = (branched_noise(noise.shape, group, branch, generator, self.device) if branch is not None else
-                      generator_noise(noise.shape, generator, self.device))
+        if branch is not None:
+            step_noise = branched_noise(noise.shape, group, branch, generator, self.device)
+        elif self.cfg.sampler.antithetic:
+            step_noise = mirrored_noise(noise.shape, self.trainable_steps(), generator, self.device)
+        else:
+            step_noise = generator_noise(noise.shape, generator, self.device)
         with self.accelerator.autocast():
             _, trajectory = run_chain(self.model, self.sampler, self.accelerator.unwrap_model(self.denoiser), noise,
                                       self.model.encode(prompts), self.cfg.sampler.guidance_scale, step_noise,
