@@ -11,7 +11,8 @@ from test_algorithms_more import lora_and_frozen_grads, make_trainer, perturb_lo
 
 
 def test_the_preserved_set_leaves_out_the_runs_own_prompts():
-    plan = plan_run(compose("train", ["experiment=quickstart", "train.preserve.weight=10",
+    one_prompt = ["prompts.low=3", "prompts.high=3", "prompts.colours=[red]", "prompts.shapes=[square]"]
+    plan = plan_run(compose("train", ["experiment=quickstart", *one_prompt, "train.preserve.weight=10",
                                       "train.preserve.prompts=shapes_train"]))
     assert len(plan.preserve) == 37 and "three red squares" not in plan.preserve
     assert plan_run(compose("train", ["experiment=quickstart"])).preserve is None
