@@ -87,8 +87,9 @@ def mirrored_noise(shape: tuple[int, ...], mirrored_steps: torch.Tensor, generat
                    device) -> NoiseSource:
     """Antithetic (mirrored) pairs: images ``2j`` and ``2j+1`` share every draw, except that at ``mirrored_steps``
     (the trained steps) image ``2j+1`` gets the negative of image ``2j``'s draw. Each image is still an ordinary
-    policy sample; a pair's rewards differ only through the trained steps' noise, so with the same advantage baseline
-    the pair's two score-function terms add to ``(r(+eps) - r(-eps)) d log pi(+eps)`` and the baseline cancels."""
+    policy sample; a pair's rewards differ only through the trained steps' noise. At a step where the pair's states
+    agree (the first trained step, after a shared initial noise) its two score-function terms add to
+    ``(A(+eps) - A(-eps)) d log pi(+eps)``: the baseline cancels."""
     pairs = shape[0] // 2
     mirrored = {int(i) for i in mirrored_steps}
 
