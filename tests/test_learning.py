@@ -204,7 +204,8 @@ def quickstart_paired_gain(seed: int, *overrides: str) -> dict:
 # trajectory every time on this machine; 1 thread gave the same numbers), against its matched control (the same run
 # with shuffled advantages). Measured (exact accuracy, paired over 128 fixed pairs, s.e. ~5 points): seed 42 run
 # +35.2 on the training prompts and +19.5 on the held-out combinations, its control -32.0; the other seeds' runs
-# +28.9 / +39.8 / +35.2 (held-out +23.4 / +35.9 / +27.3), their controls -4.7 / -24.2 / -13.3 (toy-world README, session 9).
+# +28.9 / +39.8 / +35.2 (held-out +23.4 / +35.9 / +27.3), their controls -4.7 / -24.2 / -13.3 (toy-world README,
+# session 9).
 # The margin is issue #15's bar (+15 points), which the runs clear by 3 s.e. or more; the held-out combinations
 # must not fall by more than 2 points. ~7.5 min each on 2 threads.
 QUICKSTART_MARGIN = 0.15
