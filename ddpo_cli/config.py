@@ -89,6 +89,8 @@ class SamplerConfig:
     # others are deterministic (ODE / DDIM eta 0) steps. null = all (Flow-GRPO, DDPO); a few steps = MixGRPO /
     # Flow-GRPO-Fast (flow and ddim samplers)
     sde_window_slide_every: int = 0  # > 0: move the SDE window one step later every this many epochs (wrapping)
+    log_prob: str = "exact"       # of a stochastic step: exact (the Gaussian's) | unscaled (-mean((x - mean)^2), Flow-CPS's
+    # code: no 1 / (2 std^2), so near-deterministic steps do not dominate the PPO ratio; not a likelihood ratio)
     guidance_scale: float = 5.0
     batch_size: int = 1           # per device
     num_batches_per_epoch: int = 2
@@ -367,6 +369,7 @@ def check_values(cfg: DictConfig) -> None:
     # `ddpo --help` (they import this module for the schema) need not pay for
     from .models import family_class
     from .samplers import SAMPLERS, check_sampler_name
+    from .samplers.gaussian import LOG_PROB_FORMS
 
     s, t, a = cfg.sampler, cfg.train, cfg.advantage
     for key in nonfinite_keys(OmegaConf.to_container(cfg, resolve=True))[:1]:
@@ -379,6 +382,7 @@ def check_values(cfg: DictConfig) -> None:
              f"sampler.sde_window={s.sde_window}: use [first, end) step indices with 0 <= first < end <= "
              f"sampler.num_steps={s.num_steps}, or null for every step")
     _require(s.sde_window_slide_every >= 0, f"sampler.sde_window_slide_every={s.sde_window_slide_every}: use >= 0")
+    _require(s.log_prob in LOG_PROB_FORMS, f"sampler.log_prob={s.log_prob!r}: choose {' or '.join(LOG_PROB_FORMS)}")
     _require(s.guidance_scale >= 0, f"sampler.guidance_scale={s.guidance_scale}: use >= 0 (1 = no guidance; "
                                     f"negative values push away from the prompt)")
     _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm}: use > 0 (a negative norm flips the "
@@ -414,9 +418,10 @@ def check_values(cfg: DictConfig) -> None:
     _require(not s.branch or a.mode == "group",
              f"sampler.branch=true compares the images of a group, which differ only at one step: use "
              f"advantage.mode=group (not {a.mode}) with sampler.group_size > 1")
-    _require(not s.antithetic or (s.group_size % 2 == 0 and not s.branch),
-             f"sampler.antithetic=true pairs the images of a group (same initial noise): use an even "
-             f"sampler.group_size (not {s.group_size}) and sampler.branch=false")
+    _require(not s.antithetic or (s.group_size % 2 == 0 and not s.branch and a.mode == "group"),
+             f"sampler.antithetic=true pairs the images of a group (same initial noise) and takes each pair's "
+             f"baseline from the rest of its group: use an even sampler.group_size (not {s.group_size}), "
+             f"advantage.mode=group (not {a.mode}) and sampler.branch=false")
     _require(cfg.log.tracker in ("tensorboard", "wandb", "none"),
              f"log.tracker={cfg.log.tracker!r}: choose tensorboard, wandb or none")
     if cfg.log.tracker == "wandb":
@@ -434,10 +439,29 @@ def check_values(cfg: DictConfig) -> None:
                                                 "sampler=flow_sde (or flow_ode, dance_sde, flow_cps)"))
 
 
-def stochastic_steps_of(cfg: DictConfig) -> list[int]:
+def stochastic_steps_of(cfg: DictConfig, offset: int = 0) -> list[int]:
     from .samplers import stochastic_steps  # deferred: see check_values
 
-    return stochastic_steps(cfg.sampler)
+    return stochastic_steps(cfg.sampler, offset)
+
+
+def check_trained_steps(cfg: DictConfig, counts: Counts) -> None:
+    """Every place a (sliding) SDE window takes must leave a stochastic step inside ``train.timestep_window`` to
+    train; antithetic pairs in groups of 2 need exactly one (their baseline is exact only there)."""
+    from .samplers import window_positions  # deferred: see check_values
+
+    s, first, end = cfg.sampler, *counts.window
+    for epoch, offset in window_positions(s):
+        steps = stochastic_steps_of(cfg, offset)
+        trainable = [i for i in steps if first <= i < end]
+        when = f" from epoch {epoch} on (sampler.sde_window_slide_every={s.sde_window_slide_every})" if epoch else ""
+        _require(bool(trainable), f"train.timestep_window={list(cfg.train.timestep_window)} (steps {first}..{end - 1})"
+                                  f" holds none of the sampler's stochastic steps ({_ranges(steps)}){when}: widen it, "
+                                  f"move sampler.sde_window into it, or slide the window less far")
+        _require(not s.antithetic or s.group_size > 2 or len(trainable) == 1,
+                 f"sampler.antithetic=true with sampler.group_size=2 trains {len(trainable)} steps "
+                 f"({_ranges(trainable)}){when}: a lone pair's baseline is exact at its first trained step only; use "
+                 f"sampler.group_size >= 4 (each pair's baseline is then the other pairs' mean) or train one step")
 
 
 def check_model(model: DictConfig) -> None:
@@ -470,11 +494,8 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
     prompts = build(cfg.prompts, "prompts")
     algorithm.check(cfg, reward)
     counts = derive_counts(cfg)
-    _require(algorithm.rollout != "sample" or bool(counts.trainable),
-             f"train.timestep_window={list(cfg.train.timestep_window)} "
-             f"(steps {counts.window[0]}..{counts.window[1] - 1})"
-             f" holds none of the sampler's stochastic steps ({_ranges(stochastic_steps_of(cfg))}): widen it, or "
-             f"move sampler.sde_window into it")
+    if algorithm.rollout == "sample":
+        check_trained_steps(cfg, counts)
     _require(cfg.advantage.mode != "group" or algorithm.targets == "advantages",
              f"advantage.mode=group works with algorithms that take advantages (ddpo_is, ddpo_sf, dpok, nft), not "
              f"{algorithm.name}")

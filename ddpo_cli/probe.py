@@ -5,9 +5,14 @@ Each epoch's reward is measured on fresh noise, so it is noisy and a gain hides 
 stochastic step's noise from that same generator (as ``ddpo sample`` does), so the base model (LoRA off) and the
 policy of any epoch draw from exactly the same noise, and their per-image difference is a paired gain whose
 standard error is small. The base is scored once per run; the policy every ``log.paired.every`` epochs.
+
+Both are drawn with one fixed sampler: the training sampler with its SDE window pinned where it starts
+(:func:`fixed_sampler_config`). A window that slides during training would otherwise draw base and policy with
+different stochastic steps, and the measure would report the change of sampler as a gain.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +25,7 @@ from .stats import mean_se
 
 @dataclass
 class Probe:
-    """Fixed (prompt, metadata, seed) triples; prompts cycle through the set so each gets an equal share."""
+    """Fixed (prompt, metadata, seed) triples (:func:`plan_probe`)."""
 
     name: str
     prompts: list[str]
@@ -31,9 +36,32 @@ class Probe:
         return len(self.prompts)
 
 
+def fixed_sampler_config(sampler_cfg):
+    """The sampler config of the paired measure: the training sampler's, its SDE window never sliding."""
+    fixed = sampler_cfg.copy()
+    fixed.sde_window_slide_every = 0
+    return fixed
+
+
+def describe_sampler(sampler_cfg) -> str:
+    """``"flow_sde, 10 steps, SDE window 0..2 (pinned; training slides it)"``: what the paired measure samples with."""
+    s = sampler_cfg
+    noise = f"eta {s.eta}" if s.name == "ddim" else f"noise level {s.noise_level}"
+    text = f"{s.name}, {s.num_steps} steps, {noise}, guidance {s.guidance_scale}"
+    if s.sde_window:
+        text += f", SDE window {s.sde_window[0]}..{s.sde_window[1] - 1}"
+        text += " (pinned there; training slides it)" if s.sde_window_slide_every else ""
+    return text
+
+
 def plan_probe(name: str, prompt_set, images: int, seed: int) -> Probe:
-    """``images`` pairs: item ``i % len(set)`` of the prompt set with seed ``derive_seed(seed, "probe", name, i)``."""
-    items = [prompt_set.items[i % len(prompt_set)] for i in range(images)]
+    """``images`` pairs: every prompt of the set once per whole pass over it, the remainder (or, for a set larger
+    than ``images``, all of them) a sample without replacement seeded by ``(seed, "probe", name)``, so the probe does
+    not lean towards the top of a file; image ``i`` gets the seed ``derive_seed(seed, "probe", name, i)``."""
+    size = len(prompt_set)
+    rng = random.Random(derive_seed(seed, "probe", name, "prompts"))
+    order = list(range(size)) * (images // size) + rng.sample(range(size), images % size)
+    items = [prompt_set.items[i] for i in order]
     return Probe(name, [p for p, _ in items], [dict(m) for _, m in items],
                  [derive_seed(seed, "probe", name, i) for i in range(images)])
 

@@ -206,9 +206,10 @@ def tracker_values(row: dict) -> dict[str, float]:
     return values
 
 
-def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = None) -> str:
-    """What the run did and what to run next: the paired measure (base -> last, paired gain +- standard error) when
-    taken, where the outputs are, and the exact ``ddpo eval`` / ``ddpo sample`` commands."""
+def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = None, sampler: str | None = None) -> str:
+    """What the run did and what to run next: the paired measure (base -> last, paired gain +- standard error, the
+    ``sampler`` it was drawn with) when taken, where the outputs are, and the exact ``ddpo eval`` / ``ddpo sample``
+    commands."""
     rows = read_metrics(run_dir)
     run = escape(str(run_dir))
     lines = ["", f"[bold]done:[/] {len(rows)} epochs in {run}"]
@@ -221,6 +222,8 @@ def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = Non
                 k = keys[metric]
                 lines.append(f"  {name + ' prompts:':<20} base {k['base']:.4g} -> {k['policy']:.4g}   "
                              f"gain {k['gain']:+.4g} ± {k['gain_se']:.2g} (paired s.e.)")
+        if sampler:
+            lines.append(f"  {'sampled with:':<20} {escape(sampler)}")
     elif rows:
         first, last = rows[: min(5, len(rows))], rows[-min(5, len(rows)):]
         lines.append(f"reward of the training batches (fresh noise each epoch): first epochs "

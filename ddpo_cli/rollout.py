@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .models import Conditioning, ModelFamily
 from .samplers import Sampler
 from .models import adapters_disabled
-from .samplers.gaussian import gaussian_kl, gaussian_log_prob
+from .samplers.gaussian import gaussian_kl
 
 
 @dataclass
@@ -89,7 +89,8 @@ def mirrored_noise(shape: tuple[int, ...], mirrored_steps: torch.Tensor, generat
     (the trained steps) image ``2j+1`` gets the negative of image ``2j``'s draw. Each image is still an ordinary
     policy sample; a pair's rewards differ only through the trained steps' noise. At a step where the pair's states
     agree (the first trained step, after a shared initial noise) its two score-function terms add to
-    ``(A(+eps) - A(-eps)) d log pi(+eps)``: the baseline cancels."""
+    ``(A(+eps) - A(-eps)) d log pi(+eps)``: the baseline cancels. At later trained steps it does not, so the
+    baseline must not hold the partner's reward (:func:`ddpo_cli.advantages.group_advantages`, ``mirrored_pairs``)."""
     pairs = shape[0] // 2
     mirrored = {int(i) for i in mirrored_steps}
 
@@ -140,7 +141,7 @@ def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, c
         if sampler.is_stochastic(i):
             mean, std = sampler.step_distribution(output, x, step)
             x_next = mean + std * noise(i)
-            log_prob = gaussian_log_prob(x_next.detach(), mean, std) if record else None
+            log_prob = sampler.log_prob(x_next.detach(), mean, std) if record else None
         else:
             x_next = sampler.step(output, x, step)
             log_prob = torch.zeros(batch, device=x.device) if record else None
@@ -166,7 +167,7 @@ def policy_step(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.T
     sampling (ratio == 1 before an update)."""
     output = model.predict(denoiser, latents, sampler.model_time(steps), cond, model.negative, guidance)
     mean, std = sampler.step_distribution(output, latents, steps)
-    return {"log_prob": gaussian_log_prob(next_latents.detach().float(), mean, std), "mean": mean, "std": std,
+    return {"log_prob": sampler.log_prob(next_latents.detach().float(), mean, std), "mean": mean, "std": std,
             "output": output, "clean_estimate": sampler.clean_estimate(output, latents, steps)}
 
 

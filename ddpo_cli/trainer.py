@@ -29,7 +29,8 @@ from .config import RunPlan, plan_run
 from .guards import check_gradient, check_rewards, check_weights
 from .errors import UserError
 from .models import adapters_disabled, load_model, resolve_model_path
-from .probe import Probe, paired_gain, plan_probe, probe_images, probe_scores
+from .probe import (Probe, describe_sampler, fixed_sampler_config, paired_gain, plan_probe, probe_images,
+                    probe_scores)
 from .prompts import HELDOUT_PROMPTS_FILE, PROMPTS_FILE
 from .runs import lock_run, supersede_after
 from .rollout import (EpochSamples, Trajectory, branched_noise, denoising_errors, generator_noise, kl_to_base,
@@ -117,6 +118,7 @@ class Trainer:
             console.print("[yellow]warning:[/] log.paired is off for this resumed full fine-tuning run: the base "
                           "weights are gone (LoRA runs keep them)", highlight=False)
             return [], {}
+        self.probe_sampler = build_sampler(fixed_sampler_config(self.cfg.sampler), self.model)
         sets = [("trained", self.prompt_set)] + ([("held-out", plan.heldout)] if plan.heldout is not None else [])
         probes = [plan_probe(name, prompt_set, paired.images, self.cfg.seed) for name, prompt_set in sets]
         denoiser = self.accelerator.unwrap_model(self.denoiser)
@@ -129,12 +131,12 @@ class Trainer:
         return probes, base
 
     def probe_scores(self, probe: Probe) -> dict[str, np.ndarray]:
-        """The current weights' per-image scores on ``probe`` (the training sampler, fixed per-image noise)."""
+        """The current weights' per-image scores on ``probe`` (a fixed sampler, fixed per-image noise)."""
         denoiser = self.accelerator.unwrap_model(self.denoiser)
         was_training = denoiser.training
         denoiser.eval()
         with self.accelerator.autocast():
-            images = probe_images(self.model, self.sampler, denoiser, probe, self.cfg.sampler.guidance_scale,
+            images = probe_images(self.model, self.probe_sampler, denoiser, probe, self.cfg.sampler.guidance_scale,
                                   self.cfg.sampler.batch_size, self.device)
         denoiser.train(was_training)
         return probe_scores(self.reward_fn, images, probe, self.cfg.sampler.batch_size)
@@ -174,8 +176,8 @@ class Trainer:
                     self.save_checkpoint(epoch)
                 progress.update(task, advance=1, description=f"reward {row['reward_mean']:.4g}")
         if self.accelerator.is_main_process:
-            console.print(report.run_summary(self.run_dir, self.cfg.log.paired.metric,
-                                             self.cfg.log.paired.heldout), highlight=False)
+            console.print(report.run_summary(self.run_dir, self.cfg.log.paired.metric, self.cfg.log.paired.heldout,
+                                             describe_sampler(self.cfg.sampler)), highlight=False)
 
     def run_epoch(self, epoch: int) -> tuple[dict, EpochSamples]:
         """One epoch of the chosen algorithm; returns the metrics row for metrics.jsonl and the samples."""
@@ -286,7 +288,7 @@ class Trainer:
             targets = self.algo.weights(all_rewards)
         else:
             targets = compute_advantages(self.cfg.advantage.mode, all_rewards, self.gather_prompts(samples),
-                                         self.tracker, self.cfg.sampler.group_size)
+                                         self.tracker, self.cfg.sampler.group_size, self.cfg.sampler.antithetic)
         if self.cfg.advantage.shuffle:
             control = np.random.default_rng(derive_seed(self.cfg.seed, epoch, "control"))
             targets = targets[control.permutation(targets.size)]

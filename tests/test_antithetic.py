@@ -2,9 +2,11 @@
 gets the negative of the first's draw at the trained steps."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from ddpo_cli.advantages import group_advantages
 from ddpo_cli.config import compose, plan_run
 from ddpo_cli.errors import UserError
 from ddpo_cli.rollout import mirrored_noise, policy_step
@@ -34,7 +36,7 @@ def test_antithetic_pairs_need_an_even_group():
 
 
 def test_a_pair_shares_its_untrained_steps_and_mirrors_its_trained_step_about_the_policy_mean(make_trainer):
-    trainer = make_trainer("sampler.antithetic=true", "advantage.mode=group", "sampler.group_size=2",
+    trainer = make_trainer("sampler.antithetic=true", "advantage.mode=group", "sampler.group_size=4",
                            "sampler.batch_size=4", "train.batch_size=4", "train.timestep_window=[0.3,0.7]")
     assert trainer.trainable_steps().tolist() == [1]
     samples, _ = trainer.sample_epoch(0)
@@ -50,3 +52,9 @@ def test_a_pair_shares_its_untrained_steps_and_mirrors_its_trained_step_about_th
         # trained step 1: the two draws are mean +- std * eps
         torch.testing.assert_close((traj.next_latents[a, 1] + traj.next_latents[b, 1]) / 2, step["mean"][0],
                                    atol=1e-5, rtol=1e-5)
+
+    # each pair's baseline is the other pair's mean (issue #23: the group mean, partner included, biased every
+    # trained step after the first)
+    rewards = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(trainer.training_targets(samples, rewards, 0).numpy(),
+                               group_advantages(rewards, 4, mirrored_pairs=True), rtol=1e-6)

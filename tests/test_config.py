@@ -122,3 +122,20 @@ def test_sweep_expansion():
 def test_conf_ships_inside_the_wheel_config():
     text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert '"ddpo_cli.conf" = "conf"' in text and (CONF / "train.yaml").exists()
+
+
+def test_a_sliding_window_must_keep_a_trained_step_at_every_position():
+    # issue #23: checked at epoch 0 only, the window below left train.timestep_window at epoch 3, and epochs 3-8
+    # trained nothing yet took optimizer steps (sampler.branch raised)
+    base = ["model=tiny", "sampler.num_steps=10", "sampler.sde_window=[0,2]", "sampler.sde_window_slide_every=1"]
+    with pytest.raises(UserError, match=r"holds none .* from epoch 3 on \(sampler.sde_window_slide_every=1\)"):
+        validate(compose("train", [*base, "train.timestep_window=[0,0.3]"]))
+    with pytest.raises(UserError, match="from epoch 6 on"):
+        validate(compose("train", [*base, "sampler.sde_window_slide_every=2", "train.timestep_window=[0,0.3]"]))
+    validate(compose("train", base))
+    # antithetic pairs in groups of 2 train one step (a lone pair's baseline is exact there only)
+    pairs = ["advantage.mode=group", "sampler.group_size=2", "sampler.batch_size=2", "sampler.antithetic=true"]
+    with pytest.raises(UserError, match="sampler.group_size >= 4"):
+        validate(compose("train", [*base, *pairs]))
+    validate(compose("train", [*base, *pairs, "sampler.sde_window=[0,1]"]))
+    validate(compose("train", [*base, *pairs, "sampler.group_size=4", "sampler.batch_size=4"]))

@@ -9,6 +9,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from ddpo_cli.config import compose, validate
+from ddpo_cli.errors import UserError
+from ddpo_cli.samplers import stochastic_steps
 from ddpo_cli.samplers.flow import FlowSampler, flow_sigmas
 from ddpo_cli.samplers.gaussian import gaussian_log_prob
 
@@ -135,6 +138,18 @@ def test_sde_window_fixed_and_sliding():
     assert cps.is_stochastic(8) and not cps.is_stochastic(9)  # the last step has no noise left
 
 
+@pytest.mark.parametrize("kind", ["flow_sde", "dance_sde", "flow_cps"])
+def test_the_final_step_of_every_flow_sampler_is_the_euler_step(kind):
+    # issue #23: the step to s = 0 (std 0.006 on SD3's 10 steps, the chain's most sensitive log-ratio) was trained;
+    # Flow-GRPO leaves it untrained (timestep_fraction 0.99); here it is the ODE step, neither noisy nor trained
+    sampler = FlowSampler(torch.linspace(1, 0, 11), kind, 0.7)
+    assert [i for i in range(10) if sampler.is_stochastic(i)] == list(range(9))
+    cfg = compose("train", ["model=tiny_sd3", f"sampler={kind}", "sampler.num_steps=10"])
+    assert stochastic_steps(cfg.sampler) == list(range(9))
+    with pytest.raises(UserError, match=r"sampler.sde_window=\[9, 10\] holds no stochastic step"):
+        validate(compose("train", ["model=tiny_sd3", f"sampler={kind}", "sampler.sde_window=[9,10]"]))
+
+
 def test_flow_matching_forward_process_by_hand():
     sampler = FlowSampler(torch.linspace(1, 0, 11), "flow_sde")
     x0, noise = torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), -1.0)
@@ -157,3 +172,16 @@ def test_a_ddim_sde_window_makes_only_its_steps_stochastic():
     sliding = DDIMSampler(config, 10, 1.0, sde_window=(0, 3), slide_every=2)
     sliding.set_epoch(4)
     assert [i for i in range(10) if sliding.is_stochastic(i)] == [2, 3, 4]
+
+
+def test_the_unscaled_log_prob_of_flow_cps_by_hand():
+    # issue #23: Flow-CPS's code scores a step by -(x - mean)^2 (mean over dims), without the Gaussian's 1 / (2 std^2)
+    # and log std; with the exact form a step of std 0.008 moves the PPO ratio ~700x more than the first step
+    sampler = FlowSampler(torch.linspace(1, 0, 11), "flow_cps", 0.7)
+    mean, std = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 1, 1), 0.01)
+    x = mean + torch.tensor([0.1, 0.2]).reshape(2, 1, 1, 1)
+    torch.testing.assert_close(sampler.log_prob(x, mean, std), gaussian_log_prob(x, mean, std))
+    sampler.log_prob_form = "unscaled"
+    torch.testing.assert_close(sampler.log_prob(x, mean, std), torch.tensor([-0.01, -0.04]))
+    with pytest.raises(UserError, match="sampler.log_prob='scaled': choose exact or unscaled"):
+        validate(compose("train", ["model=tiny_sd3", "sampler=flow_cps", "sampler.log_prob=scaled"]))

@@ -337,6 +337,11 @@ def test_geneval_owl_backend_plumbing(owl_models):
     rewards, info = check_contract(two, images, ["p", "q"], [meta, meta])
     seen = info["checks"][0].split("red cat (found ")[1].split(")")[0].split(", ")
     assert len(seen) == 2 and set(seen) <= {"red", "blue"}
+    # issue #23: GenEval counts with a 0.9 score threshold and checks everything else at 0.3
+    counting = {**meta, "tag": "counting"}
+    strict_counts = GenEval(detector="owl", threshold=0.0, counting_threshold=1.0, nms_iou=1.0, **owl_models)
+    _, info = check_contract(strict_counts, images, ["p", "q"], [meta, counting])
+    assert "(found 16)" in info["checks"][0] and info["checks"][1].startswith("FAIL 2 cat (found 0)")
     prompts = geneval(str(SAMPLE))  # every GenEval tag through the OWL path (position, colour, exclude)
     images = flat_images([(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0), (0, 0, 0), (255, 255, 255)])
     _, info = check_contract(GenEval(detector="owl", threshold=0.0, **owl_models), images, prompts.prompts,

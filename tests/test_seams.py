@@ -63,6 +63,7 @@ def test_every_sampler_keeps_the_contract(name):
     sampler = build_sampler(cfg.sampler, model)
     check_sampler_contract(sampler)
     assert [i for i in range(6) if sampler.is_stochastic(i)] == SAMPLERS[name].stochastic_steps(cfg.sampler)
+    assert sampler.log_prob_form == cfg.sampler.log_prob == ("unscaled" if name == "flow_cps" else "exact")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

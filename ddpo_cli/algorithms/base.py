@@ -39,6 +39,10 @@ class Algorithm:
         """Sample-based algorithms need a stochastic policy (the log-prob divides by the step's std), and one whose
         log-prob the update recomputes exactly as sampling computed it."""
         s = cfg.sampler
+        if not stochastic_steps(s) and s.sde_window:
+            raise UserError(f"sampler.sde_window={list(s.sde_window)} holds no stochastic step of sampler={s.name} "
+                            f"(the final step of a flow sampler is always the Euler step), and the policy needs "
+                            f"noise: move the window earlier")
         if not stochastic_steps(s):
             raise UserError(f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)"
                             if s.name == "ddim" else

@@ -26,8 +26,10 @@ Detectors (``detector``):
   square, triangle; ``class_map`` maps other names to them), colours are the palette's (red, green, blue, yellow),
   an object's confidence is its area;
 - ``owl``: OWLv2 / OWL-ViT boxes for "a photo of a {class}" above ``threshold`` after NMS (GenEval uses
-  Mask2Former), colour by CLIP zero-shot over ``colours`` on the box crop with GenEval's three templates (open_clip
-  ``clip_model`` + ``clip_pretrained``, or ``clip_model=local-dir:/folder``).
+  Mask2Former), ``counting_threshold`` for prompts tagged ``counting`` (GenEval's 0.3 and 0.9); colour by CLIP
+  zero-shot over ``colours`` on the box crop with GenEval's three templates (open_clip ``clip_model`` +
+  ``clip_pretrained``, or ``clip_model=local-dir:/folder``). GenEval classifies the colour of the object's mask
+  with the background blurred away; the crop here is the whole box, so background inside it takes part.
 """
 from __future__ import annotations
 
@@ -158,8 +160,9 @@ class ShapesDetector:
                             f"reward.class_map='{{{name}: circle}}' or use reward.detector=owl")
         return kind
 
-    def find(self, images: torch.Tensor, classes: list[str]) -> list[dict[str, list[Found]]]:
-        """``[B,3,H,W]`` in [0,1] -> per image, class -> its objects, largest first."""
+    def find(self, images: torch.Tensor, classes: list[str], thresholds: list[float]) -> list[dict[str, list[Found]]]:
+        """``[B,3,H,W]`` in [0,1] -> per image, class -> its objects, largest first (``thresholds``: unused, every
+        region is certain)."""
         kinds = {name: self.kind(name) for name in classes}
         results = []
         for array in to_uint8_hwc(resize_square(images, self.size)):
@@ -193,8 +196,9 @@ class OwlDetector:
         self.device, self.clip_dtype, self._classifiers = device, dtype, {}
 
     @torch.no_grad()
-    def find(self, images: torch.Tensor, classes: list[str]) -> list[dict[str, list[Found]]]:
-        """``[B,3,H,W]`` in [0,1] -> per image, class -> its objects, most confident first."""
+    def find(self, images: torch.Tensor, classes: list[str], thresholds: list[float]) -> list[dict[str, list[Found]]]:
+        """``[B,3,H,W]`` in [0,1] -> per image, class -> its objects scoring above the image's threshold, most
+        confident first."""
         pil_images, side = to_pil(images), max(images.shape[-2:])
         queries = [self.query.format_map({"class": name}) for name in classes]
         results = []
@@ -203,13 +207,15 @@ class OwlDetector:
             inputs = self.owl.processor(text=[queries] * len(chunk), images=chunk, return_tensors="pt")
             outputs = self.owl.model(**inputs.to(self.device))
             for scores, boxes in zip(outputs.logits.sigmoid().float(), outputs.pred_boxes.float()):  # [P,Q], [P,4]
-                results.append({name: self.keep(scores[:, q], boxes * side) for q, name in enumerate(classes)})
+                threshold = thresholds[len(results)]
+                results.append({name: self.keep(scores[:, q], boxes * side, threshold)
+                                for q, name in enumerate(classes)})
         return results
 
-    def keep(self, scores: torch.Tensor, boxes: torch.Tensor) -> list[Found]:
-        """``scores [P]``, ``boxes [P,4]`` (cx, cy, w, h in pixels) -> the objects above the threshold after NMS,
+    def keep(self, scores: torch.Tensor, boxes: torch.Tensor, threshold: float) -> list[Found]:
+        """``scores [P]``, ``boxes [P,4]`` (cx, cy, w, h in pixels) -> the objects above ``threshold`` after NMS,
         best first, at most ``max_objects``."""
-        scores, corners = boxes_kept(scores, boxes, self.owl.threshold, self.owl.nms_iou)
+        scores, corners = boxes_kept(scores, boxes, threshold, self.owl.nms_iou)
         return [Found(tuple(box), float(score))
                 for score, box in zip(scores[:self.max_objects].tolist(), corners[:self.max_objects].tolist())]
 
@@ -245,8 +251,8 @@ class GenEval(Reward):
     """GenEval's strict score (1 if every check passes, else 0) or, with ``graded``, the fraction passed.
 
     ``detector``: ``shapes`` (toy world; ``class_map``, ``size``, ``min_area``) or ``owl`` (``model``, ``query``,
-    ``threshold``, ``nms_iou``, ``max_objects``, ``batch_size``; colours by ``clip_model``/``clip_pretrained`` over
-    ``colours``). ``position_threshold`` is GenEval's margin (a fraction of the two boxes' summed sizes). Not
+    ``threshold`` (``counting_threshold`` on prompts tagged ``counting``), ``nms_iou``, ``max_objects``,
+    ``batch_size``; colours by ``clip_model``/``clip_pretrained`` over ``colours``). ``position_threshold`` is GenEval's margin (a fraction of the two boxes' summed sizes). Not
     differentiable.
     """
 
@@ -255,7 +261,7 @@ class GenEval(Reward):
 
     def __init__(self, detector: str = "owl", graded: bool = False, position_threshold: float = 0.1,
                  model: str = "google/owlv2-base-patch16-ensemble", query: str = "a photo of a {class}",
-                 threshold: float = 0.3, nms_iou: float = 0.5, max_objects: int = 16, batch_size: int = 8,
+                 threshold: float = 0.3, counting_threshold: float = 0.9, nms_iou: float = 0.5, max_objects: int = 16, batch_size: int = 8,
                  clip_model: str = "ViT-L-14", clip_pretrained: str | None = "openai",
                  colours: list[str] | None = None, class_map: dict[str, str] | None = None, size: int = 32,
                  min_area: int = 6) -> None:
@@ -268,6 +274,7 @@ class GenEval(Reward):
         else:
             raise UserError(f"reward.detector={detector!r}: choose owl (real images) or shapes (the toy world)")
         self.graded, self.position_threshold = graded, position_threshold
+        self.threshold, self.counting_threshold = threshold, counting_threshold
 
     def load(self) -> None:
         self.detector.load(self.device, self.dtype)
@@ -275,7 +282,8 @@ class GenEval(Reward):
     def score(self, images, prompts, metadata):
         for prompt, meta in zip(prompts, metadata):
             check_metadata(meta, prompt, self.detector.colour_names)
-        found = self.detector.find(images, batch_classes(metadata))
+        thresholds = [self.counting_threshold if meta.get("tag") == "counting" else self.threshold for meta in metadata]
+        found = self.detector.find(images, batch_classes(metadata), thresholds)
         results = []
         for image, objects, meta in zip(images, found, metadata):
             def colours_of(name: str, objs: list[Found], image=image) -> list[str]:

@@ -5,14 +5,15 @@ times):
 
 - ``num_steps`` and ``timesteps [T]`` (the denoiser's time input per step), ``model_time(steps [N]) -> [N]``;
 - ``is_stochastic(i)``: whether step ``i`` is a policy step (trained, with a log-prob) or a deterministic one;
-- ``step_distribution(output, x_t, steps) -> (mean, std)``: the Gaussian of a stochastic step (fp32);
+- ``step_distribution(output, x_t, steps) -> (mean, std)``: the Gaussian of a stochastic step (fp32), and
+  ``log_prob(x_next, mean, std) -> [N]`` of its draws (``sampler.log_prob``: exact, or Flow-CPS's unscaled form);
 - ``step(output, x_t, steps) -> x_next``: the deterministic step of inference;
 - ``clean_estimate(output, x_t, steps) -> x0_hat``: the clean latents the output implies (affine in ``output``);
 - ``training_times(n, device)`` and ``noisy_and_target(x0, noise, t) -> (x_t, target)``: the forward process and
   regression target of the family's training loss (reward-weighted regression and other denoising-loss algorithms);
 - ``model_kind``: which model families it fits (``diffusion``: DDPM-trained; ``flow``: rectified flow);
-- ``stochastic_steps(sampler_cfg)`` (static) and ``set_epoch(epoch)``: which steps are policy steps (an SDE window
-  may slide over epochs).
+- ``stochastic_steps(sampler_cfg, offset)`` (static) and ``set_epoch(epoch)``: which steps are policy steps (an SDE
+  window may slide over epochs: :class:`~ddpo_cli.samplers.window.SDEWindow`).
 
 Log-prob and KL of the Gaussian steps are shared maths in :mod:`ddpo_cli.samplers.gaussian`.
 Adding a sampler: one module here, one line in ``SAMPLERS``, one ``conf/sampler/<name>.yaml`` and a parity test.
@@ -26,6 +27,7 @@ import torch
 from ..errors import UserError
 from .ddim import DDIMSampler
 from .flow import FlowSampler
+from .window import SDEWindow
 
 SAMPLERS = {"ddim": DDIMSampler, "flow_ode": FlowSampler, "flow_sde": FlowSampler, "dance_sde": FlowSampler,
             "flow_cps": FlowSampler}
@@ -42,6 +44,7 @@ class Sampler(Protocol):
     def is_stochastic(self, i: int) -> bool: ...
     def step_distribution(self, output: torch.Tensor, x_t: torch.Tensor,
                           steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def log_prob(self, x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor: ...
     def step(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor: ...
     def clean_estimate(self, output: torch.Tensor, x_t: torch.Tensor, steps: torch.Tensor) -> torch.Tensor: ...
     def training_times(self, n: int, device: torch.device | str) -> torch.Tensor: ...
@@ -54,10 +57,17 @@ def check_sampler_name(name: str) -> None:
         raise UserError(f"sampler.name={name!r}: choose one of {', '.join(SAMPLERS)} (see `ddpo ls sampler`)")
 
 
-def stochastic_steps(sampler_cfg) -> list[int]:
-    """The steps a sampler config makes stochastic (policy steps with a log-prob), before any model is loaded."""
+def stochastic_steps(sampler_cfg, offset: int = 0) -> list[int]:
+    """The steps a sampler config makes stochastic (policy steps with a log-prob) with its SDE window at ``offset``
+    (0: where it starts), before any model is loaded."""
     check_sampler_name(sampler_cfg.name)
-    return SAMPLERS[sampler_cfg.name].stochastic_steps(sampler_cfg)
+    return SAMPLERS[sampler_cfg.name].stochastic_steps(sampler_cfg, offset)
+
+
+def window_positions(sampler_cfg) -> list[tuple[int, int]]:
+    """``(first epoch, offset)`` of every place the SDE window takes over a run (one unless it slides)."""
+    window = SDEWindow.from_config(sampler_cfg)
+    return [(offset * window.slide_every, offset) for offset in range(window.positions())]
 
 
 def build_sampler(sampler_cfg, model) -> Sampler:
@@ -67,4 +77,6 @@ def build_sampler(sampler_cfg, model) -> Sampler:
     if cls.model_kind != model.kind:
         raise UserError(f"sampler={sampler_cfg.name} is for {cls.model_kind} models but model.family="
                         f"{model.family} is a {model.kind} model: choose a matching sampler")
-    return cls.from_config(sampler_cfg, model)
+    sampler = cls.from_config(sampler_cfg, model)
+    sampler.log_prob_form = sampler_cfg.log_prob
+    return sampler

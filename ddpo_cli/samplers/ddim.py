@@ -13,7 +13,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from .gaussian import gaussian_log_prob
-from .window import SDEWindow, configured_steps
+from .base import StochasticChain
+from .window import SDEWindow
 
 
 @dataclass
@@ -113,7 +114,7 @@ def ddim_step_with_logprob(
     return prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std
 
 
-class DDIMSampler:
+class DDIMSampler(StochasticChain):
     """The sampler seam for DDPM-trained families (SD 1.x, SDXL): step ``i`` (0 = noisiest) goes from
     ``timesteps[i]`` to ``timesteps[i] - step_ratio``; ``eta > 0`` makes the steps of ``sde_window`` (default: all)
     stochastic policy steps, the others take the deterministic DDIM step; ``eta = 0`` is the deterministic DDIM of
@@ -138,14 +139,11 @@ class DDIMSampler:
                    sampler_cfg.sde_window_slide_every)
 
     @staticmethod
-    def stochastic_steps(sampler_cfg) -> list[int]:
-        """The policy steps a config gives at epoch 0 (for checks before any model is loaded): the SDE window's
-        (default: all) when eta > 0."""
-        return configured_steps(sampler_cfg) if sampler_cfg.eta > 0 else []
+    def stochastic_steps(sampler_cfg, offset: int = 0) -> list[int]:
+        """The policy steps a config gives with its SDE window at ``offset`` (for checks before any model is
+        loaded): the window's steps (default: all) when eta > 0."""
+        return SDEWindow.from_config(sampler_cfg).steps(offset) if sampler_cfg.eta > 0 else []
 
-    def set_epoch(self, epoch: int) -> None:
-        """A sliding SDE window moves."""
-        self.window.set_epoch(epoch)
 
     @property
     def timesteps(self) -> torch.Tensor:

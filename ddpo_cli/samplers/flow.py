@@ -11,9 +11,10 @@ custom sigmas for FLUX). The stochastic steps are Gaussians ``N(mean, std^2 I)``
   ``sigmas[1]``), ``std = sig sqrt(-dt)``, ``mean = x (1 + sig^2 dt / (2 s)) + v (1 + sig^2 (1 - s) / (2 s)) dt``;
 - ``dance_sde`` (DanceGRPO, arXiv 2505.07818): the same form with a constant ``sig = a``;
 - ``flow_cps`` (coefficients-preserving, arXiv 2509.05952): ``std = s_next sin(a pi / 2)``,
-  ``mean = (1 - s_next) x0_hat + s_next cos(a pi / 2) eps_hat`` with ``x0_hat = x - s v``, ``eps_hat = x + (1 - s) v``
-  (its last step, ``s_next = 0``, has no noise and is deterministic);
+  ``mean = (1 - s_next) x0_hat + s_next cos(a pi / 2) eps_hat`` with ``x0_hat = x - s v``, ``eps_hat = x + (1 - s) v``;
 - ``flow_ode``: every step deterministic.
+
+In every flow sampler the final step (to ``s_next = 0``) is the Euler step: neither noisy nor trained.
 
 ``a = 0`` gives the Euler step exactly (``tests/test_flow_samplers.py``).
 """
@@ -24,7 +25,8 @@ import math
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .window import SDEWindow, configured_steps
+from .base import StochasticChain
+from .window import SDEWindow
 
 KINDS = ("flow_ode", "flow_sde", "dance_sde", "flow_cps")
 
@@ -57,7 +59,7 @@ def sde_mean_std(kind: str, noise_level: float, v: torch.Tensor, x: torch.Tensor
     return mean, sig * torch.sqrt(-dt)
 
 
-class FlowSampler:
+class FlowSampler(StochasticChain):
     """The sampler seam for rectified-flow families. ``kind``: flow_ode | flow_sde | dance_sde | flow_cps;
     ``noise_level`` is ``a`` above; ``sde_window = (first, end)`` limits the stochastic steps to
     ``first <= i < end`` (None: all), and ``slide_every = k > 0`` moves that window one step later every ``k``
@@ -86,12 +88,12 @@ class FlowSampler:
                    model.device)
 
     @staticmethod
-    def stochastic_steps(sampler_cfg) -> list[int]:
-        """The policy steps that a config gives at epoch 0 (for checks before any model is loaded)."""
+    def stochastic_steps(sampler_cfg, offset: int = 0) -> list[int]:
+        """The policy steps that a config gives with its SDE window at ``offset`` (for checks before any model is
+        loaded); never the final step (see :meth:`is_stochastic`)."""
         if sampler_cfg.name == "flow_ode" or sampler_cfg.noise_level <= 0:
             return []
-        last = sampler_cfg.num_steps - 1 if sampler_cfg.name == "flow_cps" else sampler_cfg.num_steps
-        return [i for i in configured_steps(sampler_cfg) if i < last]
+        return [i for i in SDEWindow.from_config(sampler_cfg).steps(offset) if i < sampler_cfg.num_steps - 1]
 
     # ------------------------------------------------------------------------------------------ the chain
     @property
@@ -102,14 +104,15 @@ class FlowSampler:
     def model_time(self, steps: torch.Tensor) -> torch.Tensor:
         return self.timesteps[steps]
 
-    def set_epoch(self, epoch: int) -> None:
-        """A sliding window moves (:class:`~ddpo_cli.samplers.window.SDEWindow`)."""
-        self.window.set_epoch(epoch)
 
     def is_stochastic(self, i: int) -> bool:
+        """Whether step ``i`` is a policy step: in the SDE window, and not the final step, which lands on the data
+        (``s_next = 0``) and is always the Euler step. Flow-CPS gives it no noise; Flow-GRPO samples it with a
+        little (std 0.006 on SD3's 10 steps) but leaves it untrained (``timestep_fraction`` 0.99), since its
+        log-ratio is the most sensitive of the chain."""
         if self.kind == "flow_ode" or self.noise_level <= 0 or i not in self.window:
             return False
-        return not (self.kind == "flow_cps" and i == self.num_steps - 1)  # s_next = 0: no noise left
+        return i < self.num_steps - 1
 
     def _levels(self, steps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _expand(self.sigmas[steps], like), _expand(self.sigmas[steps + 1], like)

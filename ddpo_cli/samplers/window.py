@@ -13,21 +13,32 @@ class SDEWindow:
         self.first, self.end = tuple(window) if window is not None else (0, num_steps)
         self.slide_every, self.offset = slide_every, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        if self.slide_every:
-            positions = max(1, self.num_steps - (self.end - self.first) + 1 - self.first)
-            self.offset = (epoch // self.slide_every) % positions
+    @classmethod
+    def from_config(cls, sampler_cfg) -> "SDEWindow":
+        return cls(sampler_cfg.num_steps, tuple(sampler_cfg.sde_window) if sampler_cfg.sde_window else None,
+                   sampler_cfg.sde_window_slide_every)
 
-    def bounds(self) -> tuple[int, int]:
-        """The window at the current epoch."""
-        return self.first + self.offset, self.end + self.offset
+    def positions(self) -> int:
+        """How many places the window takes (1 unless it slides): offsets ``0 .. positions - 1``."""
+        if not self.slide_every:
+            return 1
+        return max(1, self.num_steps - (self.end - self.first) + 1 - self.first)
+
+    def offset_at(self, epoch: int) -> int:
+        return (epoch // self.slide_every) % self.positions() if self.slide_every else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.offset = self.offset_at(epoch)
+
+    def bounds(self, offset: int | None = None) -> tuple[int, int]:
+        """The window at ``offset`` (None: at the current epoch)."""
+        offset = self.offset if offset is None else offset
+        return self.first + offset, self.end + offset
+
+    def steps(self, offset: int = 0) -> list[int]:
+        first, end = self.bounds(offset)
+        return list(range(first, end))
 
     def __contains__(self, i: int) -> bool:
         first, end = self.bounds()
         return first <= i < end
-
-
-def configured_steps(sampler_cfg) -> list[int]:
-    """The window's steps at epoch 0 from a sampler config (checks before any model is loaded)."""
-    first, end = sampler_cfg.sde_window or (0, sampler_cfg.num_steps)
-    return list(range(first, end))
