@@ -13,7 +13,7 @@ import torch
 
 from .errors import UserError
 from .models import ModelFamily
-from .runs import STATE_FILE, checkpoint_dir, list_checkpoints
+from .runs import STATE_FILE, checkpoint_dir, list_checkpoints, read_state
 
 
 def write_weights(model: ModelFamily, denoiser, folder: Path, use_lora: bool) -> None:
@@ -56,19 +56,6 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(checkpoint: Path) -> dict:
-    """The resume state of a checkpoint (tensors and plain data only: ``weights_only``). UserError if unreadable."""
-    try:
-        state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, garbage, or not a torch file at all
-        raise UserError(f"{Path(checkpoint) / STATE_FILE} is unreadable ({_brief(exc)})") from None
-    missing = {"epoch", "global_step", "optimizer", "stat_tracker"} - set(state if isinstance(state, dict) else {})
-    if missing:
-        raise UserError(f"{Path(checkpoint) / STATE_FILE} lacks {', '.join(sorted(missing))}: not a ddpo-cli "
-                        f"checkpoint")
-    return state
-
-
 def load_weights(model: ModelFamily, denoiser, checkpoint: Path, use_lora: bool) -> None:
     """Load a checkpoint's weights into a denoiser that already has the matching LoRA adapter (or full weights).
     UserError if they are unreadable, do not fit this model, or hold NaN / inf."""
@@ -90,7 +77,7 @@ def resume(model: ModelFamily, denoiser, optimizer, requested: Path, use_lora: b
     skipped = []
     for path in candidates:
         try:
-            state = load_state(path)
+            state = read_state(path)
             load_weights(model, denoiser, path, use_lora)
             optimizer.load_state_dict(state["optimizer"])
         except (UserError, ValueError, KeyError, RuntimeError) as exc:

@@ -149,7 +149,10 @@ def run_hydra(config_name: str, args: list[str], task, validate, claim=None) -> 
     info_only = any(f in flags for f in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"))
     checked = []
     try:
-        if not info_only:
+        if info_only:  # --cfg / --info print the config: the keys must still exist and hold the right types
+            for job in sweep_jobs(overrides, multirun):
+                compose(config_name, job, config_dir)
+        else:
             checked = preflight(config_name, overrides, multirun, config_dir, validate)
             if claim is not None:
                 overrides = claim(overrides, multirun, checked[0][1], config_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import math
 import re
@@ -29,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
-from .runs import find_checkpoint
+from .runs import find_checkpoint, list_checkpoints, read_state, run_dir_of
 from .schedules import SCHEDULES
 
 
@@ -192,6 +193,8 @@ class RunConfig:
     seed: int = 42
     run_name: str = "run"
     resume: Optional[str] = None
+    resume_allow_changes: bool = False  # resume with another algo or reward than the checkpoint's (its optimizer
+    # state and statistics came from that objective): refused unless true, then the changes are listed at start-up
     device: str = "auto"          # auto | cpu | cuda   (accelerate decides under `accelerate launch`)
     threads: Optional[int] = None  # torch CPU threads; None = torch default
 
@@ -403,11 +406,18 @@ def check_values(cfg: DictConfig) -> None:
     check_name(str(cfg.log.project), "log.project")
     for key in ("sampler.batch_size", "sampler.num_batches_per_epoch", "train.batch_size",
                 "train.gradient_accumulation_steps", "train.num_epochs", "train.num_inner_epochs",
-                "train.timesteps_per_forward", "checkpoint.every", "log.reward_worker_threads"):
+                "train.timesteps_per_forward", "checkpoint.every", "log.reward_worker_threads", "log.image_every"):
         value = OmegaConf.select(cfg, key)
         _require(value >= 1, f"{key}={value}: must be >= 1")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction}: must be in (0, 1]")
     _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= t[key] < 1, f"train.{key}={t[key]}: use a value in [0, 1) (AdamW's moving-average decay; "
+                                  f"the defaults are 0.9 and 0.999)")
+    _require(t.adam_epsilon > 0, f"train.adam_epsilon={t.adam_epsilon}: use > 0 (it keeps AdamW from dividing by "
+                                 f"zero; the default is 1e-8)")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: use >= 0")
+    _require(cfg.log.kl_to_base_every >= 0, f"log.kl_to_base_every={cfg.log.kl_to_base_every}: use >= 0 (0 = never)")
     _require(t.lr_schedule in SCHEDULES, f"train.lr_schedule={t.lr_schedule!r}: choose {' or '.join(SCHEDULES)}")
     _require(t.mixed_precision in ("auto", "no", "fp16", "bf16"),
              f"train.mixed_precision={t.mixed_precision!r}: choose auto, no, fp16 or bf16")
@@ -500,10 +510,48 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
              f"advantage.mode=group works with algorithms that take advantages (ddpo_is, ddpo_sf, dpok, nft), not "
              f"{algorithm.name}")
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
+    warnings = algorithm.warnings(cfg, counts) + (resume_changes(cfg, resume) if resume else [])
     heldout_name = cfg.log.paired.heldout
     heldout = build(group_option("prompts", heldout_name), "prompts") if heldout_name else None
-    return RunPlan(counts, algorithm, reward, prompts, resume, algorithm.warnings(cfg, counts), heldout,
+    return RunPlan(counts, algorithm, reward, prompts, resume, warnings, heldout,
                    preserve_prompts(cfg, algorithm, prompts))
+
+
+def resume_changes(cfg: DictConfig, checkpoint: Path) -> list[str]:
+    """Check a resume against the checkpoint's own record: it must leave epochs to train, and keep the algorithm and
+    reward it was trained with (unless ``resume_allow_changes``; the changes are then returned as warnings)."""
+    state = readable_state(checkpoint)
+    if state is None:  # none readable: the resume itself says so in one line
+        return []
+    epoch, saved = int(state["epoch"]), json.loads(state.get("config", "{}"))
+    _require(epoch + 1 < cfg.train.num_epochs,
+             f"resume={cfg.resume}: the run is already at epoch {epoch} ({epoch + 1} epochs trained) and "
+             f"train.num_epochs={cfg.train.num_epochs}: nothing is left to train; raise train.num_epochs to go on")
+    changes = [change for key in ("algo", "reward") if key in saved
+               for change in differences(saved[key], OmegaConf.to_container(cfg[key], resolve=True), key)]
+    _require(not changes or cfg.resume_allow_changes,
+             f"resume={cfg.resume} changes what the checkpoint was trained for ({'; '.join(changes[:3])}"
+             f"{'; ...' if len(changes) > 3 else ''}), whose optimizer state and statistics it carries: resume with "
+             f"the run's own settings, or add resume_allow_changes=true")
+    return [f"resumed with changes: {change}" for change in changes]
+
+
+def readable_state(checkpoint: Path) -> dict | None:
+    """The state of ``checkpoint``, or of the newest readable one before it (as resume falls back), memory-mapped."""
+    for path in [checkpoint, *reversed(list_checkpoints(run_dir_of(checkpoint)))]:
+        try:
+            return read_state(path, mmap=True)
+        except UserError:
+            continue
+    return None
+
+
+def differences(old: Any, new: Any, key: str) -> list[str]:
+    """``"key.sub: old -> new"`` for every leaf that differs between two config containers."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for sub in sorted(set(old) | set(new), key=str)
+                for change in differences(old.get(sub), new.get(sub), f"{key}.{sub}")]
+    return [] if old == new else [f"{key}: {old} -> {new}"]
 
 
 def preserve_prompts(cfg: DictConfig, algorithm, prompts) -> list[str] | None:

@@ -26,6 +26,13 @@ def check_rewards(rewards: np.ndarray, prompts: list[str], reward_name: str, epo
                         f"{finite.size} in epoch {epoch}{f', e.g. for the prompt {example!r}' if example else ''}: "
                         f"nothing of this epoch was applied; fix the reward, or train without those samples with "
                         f"train.nonfinite_rewards=drop")
+    kept = np.asarray(rewards, dtype=np.float64)[finite]
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = kept.std() if kept.size else 0.0
+    if not np.isfinite(spread):
+        raise UserError(f"reward {reward_name} returned values too large to normalise in epoch {epoch} (largest "
+                        f"|r| = {np.abs(kept).max():.3g}: their standard deviation overflows): nothing of this epoch "
+                        f"was applied; rescale the reward")
     return finite
 
 

@@ -279,7 +279,29 @@ def read_prompts_file(path: Path) -> dict:
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or not data.get("prompts"):
         raise UserError(f"prompts file {path} is not a prompts=llm file (format {FILE_FORMAT} with prompts): give "
                         f"the prompts.json of a run trained with prompts=llm")
+    problem = schema_problem(data)
+    if problem:
+        raise UserError(f"prompts file {path} is damaged or from another version ({problem}): restore it from a "
+                        f"copy, or start a new run to generate a new one")
     return data
+
+
+def schema_problem(data: dict) -> str | None:
+    """What in a prompts file breaks its schema (``prompts``: a list of ``{"prompt": text, "metadata": {...}}``;
+    ``settings``: a mapping), or None."""
+    if not isinstance(data["prompts"], list):
+        return f"'prompts' is a {type(data['prompts']).__name__}, not a list"
+    for i, row in enumerate(data["prompts"]):
+        if not isinstance(row, dict):
+            return f"prompts[{i}] is a {type(row).__name__}, not {{prompt, metadata}}"
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            return f"prompts[{i}].prompt is {'missing' if 'prompt' not in row else repr(row['prompt'])}, not text"
+        if not isinstance(row.get("metadata"), dict):
+            return f"prompts[{i}].metadata is {'missing' if 'metadata' not in row else repr(row['metadata'])}, " \
+                   f"not a mapping"
+    if not isinstance(data.get("settings", {}), dict):
+        return f"'settings' is a {type(data['settings']).__name__}, not a mapping"
+    return None
 
 
 def write_prompts_file(path: Path, data: dict) -> None:

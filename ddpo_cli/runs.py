@@ -70,6 +70,22 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def read_state(checkpoint: Path, mmap: bool = False) -> dict:
+    """The resume state of a checkpoint (tensors and plain data only: ``weights_only``; ``mmap``: tensors are mapped,
+    not read, for a look at its epoch and config). UserError if it is unreadable or not a ddpo-cli checkpoint."""
+    import torch  # deferred: this module stays torch-free for the CLI's checks
+
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # truncated, garbage, or not a torch file at all
+        raise UserError(f"{path} is unreadable ({' '.join(str(exc).split())[:240]})") from None
+    missing = {"epoch", "global_step", "optimizer", "stat_tracker"} - set(state if isinstance(state, dict) else {})
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(sorted(missing))}: not a ddpo-cli checkpoint")
+    return state
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """``<run>/checkpoints/epoch_XXXX`` -> ``<run>``."""
     return Path(checkpoint).parent.parent

@@ -255,6 +255,29 @@ def test_the_run_file_is_reused_never_regenerated_and_checked(server, tmp_path):
         len(server_set(server.url))
 
 
+@pytest.mark.parametrize("tamper,problem", [
+    (lambda d: [r.pop("metadata") for r in d["prompts"]], "prompts[0].metadata is missing, not a mapping"),
+    (lambda d: d.update(prompts=[r["prompt"] for r in d["prompts"]]), "prompts[0] is a str, not {prompt, metadata}"),
+    (lambda d: d["prompts"][1].update(prompt=7), "prompts[1].prompt is 7, not text"),
+    (lambda d: d["prompts"][0].update(metadata=[1, 2]), "prompts[0].metadata is [1, 2], not a mapping"),
+    (lambda d: d.update(prompts={"a": 1}), "'prompts' is a dict, not a list"),
+    (lambda d: d.update(settings=[]), "'settings' is a list, not a mapping"),
+])
+def test_a_tampered_prompts_file_is_named_in_one_line(server, tmp_path, tamper, problem):
+    # issue #23's probe: each of these was a traceback in ddpo train resume, ddpo sample and ddpo eval
+    run_file = tmp_path / "prompts.json"
+    server_set(server.url).prepare(run_file, CPU)
+    data = json.loads(run_file.read_text())
+    tamper(data)
+    run_file.write_text(json.dumps(data))
+    for use in (lambda: server_set(server.url).load(run_file),
+                lambda: server_set(server.url).prepare(run_file, CPU, resuming=True)):
+        with pytest.raises(UserError) as error:
+            use()
+        assert f"prompts file {run_file} is damaged or from another version ({problem})" in str(error.value)
+        assert "\n" not in str(error.value)
+
+
 def test_the_yaml_documents_every_parameter_and_is_checked():
     path = REPO / "conf" / "prompts" / "llm.yaml"
     node = OmegaConf.load(path)

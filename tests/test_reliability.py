@@ -60,6 +60,11 @@ def one_short(images, prompts, metadata):
     return images.mean(dim=(1, 2, 3))[:-1]
 
 
+def raises(images, prompts, metadata):
+    return {}["a key the reward forgot"]
+
+
+
 def slow(images, prompts, metadata):
     Path(os.environ["SLOW_REWARD_STARTED"]).touch()  # tells the test the call is in flight
     time.sleep(120)
@@ -117,7 +122,8 @@ def copy_of(run: Path, tmp_path: Path, name: str = "copy") -> Path:
 def test_a_nan_reward_stops_the_run_and_keeps_every_checkpoint(good_run, tmp_path, helpers):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    result = run_cli("train", *FAST, *custom("nan_for_cats"), "train.num_epochs=4", f"resume={run}", env=helpers)
+    result = run_cli("train", *FAST, *custom("nan_for_cats"), "train.num_epochs=4", f"resume={run}",
+                     "resume_allow_changes=true", env=helpers)
     one_line_exit_2(result, "reward nan_for_cats", "non-finite", "'a cat'", "train.nonfinite_rewards=drop")
     after = snapshot(run)
     assert {k: v for k, v in after.items() if ".hydra" not in str(k)} == \
@@ -166,6 +172,45 @@ def test_a_run_folder_has_one_writer_and_is_never_overwritten(good_run, tmp_path
     finally:
         holder.kill()
     assert snapshot(run) == before
+
+
+FLOW = ["model=tiny_shapes_flow", "sampler=flow_sde", "sampler.num_steps=4", "sampler.batch_size=4",
+        "sampler.num_batches_per_epoch=1", "train.batch_size=4", "advantage.mode=batch", "log.tracker=none",
+        "log.grid_images=4", "threads=1", "train.lr=1e-3", "prompts=shapes_train", "train.num_epochs=3"]
+
+
+def test_a_flow_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
+    # issue #23: kill -9 while the run trains or writes a checkpoint, and a second writer, for the flow family
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    uninterrupted = subprocess.Popen([sys.executable, "-m", "ddpo_cli", "train", *FLOW, f"hydra.run.dir={whole}"],
+                                     cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE,
+                                     text=True)
+    process = subprocess.Popen([sys.executable, "-m", "ddpo_cli", "train", *FLOW, f"hydra.run.dir={killed}"],
+                               cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
+
+    def wait_for(*paths: Path) -> None:
+        while process.poll() is None and not any(p.exists() for p in paths):
+            time.sleep(0.002)
+
+    checkpoints = killed / "checkpoints"
+    wait_for(checkpoints / "epoch_0000")
+    process.send_signal(signal.SIGSTOP)           # paused mid-run: a second writer must be refused
+    one_line_exit_2(run_cli("train", *FLOW, f"resume={killed}"), "in use by another ddpo process", alone=True)
+    process.send_signal(signal.SIGCONT)
+    wait_for(checkpoints / ".epoch_0001.tmp", checkpoints / "epoch_0001")   # writing, or just written, epoch 1
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    from ddpo_cli.runs import list_checkpoints
+
+    assert [p.name for p in list_checkpoints(killed)] in (["epoch_0000"], ["epoch_0000", "epoch_0001"])
+    resumed = run_cli("train", *FLOW, f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()[-3000:]
+    assert [r["epoch"] for r in read_metrics(killed)] == [0, 1, 2]
+    last = Path("checkpoints") / "epoch_0002" / "pytorch_lora_weights.safetensors"
+    resumed_lora, whole_lora = load_file(killed / last), load_file(whole / last)
+    assert resumed_lora.keys() == whole_lora.keys()
+    assert all(torch.equal(resumed_lora[key], whole_lora[key]) for key in whole_lora), "bit-identical weights"
 
 
 def test_default_run_folders_are_new_for_every_process(tmp_path):
@@ -264,6 +309,27 @@ def test_resuming_an_older_checkpoint_keeps_what_came_after_it(good_run, tmp_pat
     assert [r["epoch"] for r in read_metrics(run)] == [0, 1]
 
 
+def test_a_resume_that_changes_the_objective_or_has_nothing_left_is_refused(good_run, cache_dir):
+    # issue #23's probe: both were accepted silently (the second exited 0 having done nothing)
+    from ddpo_cli.config import compose, plan_run
+    from ddpo_cli.errors import UserError
+
+    def plan(*overrides):
+        return plan_run(compose("train", [*FAST, f"resume={good_run}", *overrides]))
+
+    with pytest.raises(UserError, match=r"changes what the checkpoint was trained for \(algo.importance_sampling: "
+                                        r"True -> False; algo.name: ddpo_is -> ddpo_sf\).*resume_allow_changes=true"):
+        plan("train.num_epochs=3", "algo=ddpo_sf")
+    with pytest.raises(UserError, match=r"reward._target_: ddpo_cli.rewards.jpeg.JpegCompressibility -> "
+                                        r"ddpo_cli.rewards.aesthetic.Aesthetic"):
+        plan("train.num_epochs=3", "reward=aesthetic")
+    allowed = plan("train.num_epochs=3", "algo.clip_range=1e-3", "resume_allow_changes=true")
+    assert "resumed with changes: algo.clip_range: 0.0001 -> 0.001" in allowed.warnings
+    assert plan("train.num_epochs=3", "train.lr=1e-4").warnings == []   # other settings may change
+    with pytest.raises(UserError, match=r"already at epoch 1 \(2 epochs trained\) and train.num_epochs=2: nothing"):
+        plan("train.num_epochs=2")
+
+
 # ----------------------------------------------------------------------------------------------- 6, 7, 10. bad values
 BAD_VALUES = [
     (["train.lr=inf"], "train.lr=inf: must be a finite number"),
@@ -291,6 +357,13 @@ BAD_VALUES = [
     (["prompts=from_file", "prompts.path={missing}"], "not found"),
     (["prompts=from_file", "prompts.path={latin1}"], "not UTF-8"),
     (["reward=custom", "reward.fn.path=no_such_module.reward"], "no_such_module"),
+    # issue #23's probe: these were tracebacks after the run folder was made
+    (["train.adam_beta1=1.5"], "train.adam_beta1=1.5: use a value in [0, 1)"),
+    (["train.adam_epsilon=0", "train.adam_beta2=1"], "train.adam_beta2=1.0: use a value in [0, 1)"),
+    (["train.adam_epsilon=0"], "train.adam_epsilon=0.0: use > 0"),
+    (["train.weight_decay=-1"], "train.weight_decay=-1"),
+    (["log.image_every=0"], "log.image_every=0: must be >= 1"),
+    (["log.kl_to_base_every=-1"], "log.kl_to_base_every=-1"),
 ]
 
 
@@ -314,8 +387,9 @@ def test_bad_values_are_refused_in_one_line_before_the_run(tmp_path, cache_dir):
 
 def test_bad_values_through_the_cli_exit_2_and_write_nothing(tmp_path, cache_dir):
     jobs = [job for job in bad_value_jobs(tmp_path)
-            if any(key in " ".join(job[0]) for key in ("train.lr=inf", "run_name=", "latin1", "no_such_module"))]
-    assert len(jobs) == 4
+            if any(key in " ".join(job[0]) for key in ("train.lr=inf", "run_name=", "latin1", "no_such_module",
+                                                      "adam_beta1", "image_every"))]
+    assert len(jobs) == 6
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda k: run_cli("train", *jobs[k][0], f"hydra.run.dir={tmp_path / f'run{k}'}"),
                                 range(len(jobs))))
@@ -324,9 +398,19 @@ def test_bad_values_through_the_cli_exit_2_and_write_nothing(tmp_path, cache_dir
         assert not (tmp_path / f"run{k}").exists(), overrides
 
 
+def test_printing_the_config_checks_its_keys_in_one_line(tmp_path):
+    # issue #23's probe: `--cfg job` with an unknown key exited 1 with Hydra's own message
+    results = [run_cli("train", "--cfg", "job", *args, cwd=tmp_path)
+               for args in (["train.no_such_key=1"], ["model=tiny", "train.lr=3e-4"])]
+    one_line_exit_2(results[0], "train.no_such_key", alone=True)
+    assert results[1].returncode == 0 and "lr: 0.0003" in results[1].stdout, results[1].stderr[-2000:]
+    assert not any(tmp_path.iterdir())   # printing writes nothing
+
+
 def test_a_custom_reward_of_the_wrong_shape_is_named_in_one_line(tmp_path, helpers, cache_dir):
     cases = [("scalar", "shape () for 4 images"), ("strings", "returned list"), ("nothing", "returned NoneType"),
-             ("one_short", "shape (3,) for 4 images")]
+             ("one_short", "shape (3,) for 4 images"),
+             ("raises", "raised KeyError ('a key the reward forgot'): fix the reward")]  # issue #23: a traceback
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda case: run_cli("train", *FAST, *custom(case[0]), "train.num_epochs=1",
                                                  f"hydra.run.dir={tmp_path / case[0]}", env=helpers), cases))
@@ -350,14 +434,15 @@ def test_lora_targets_that_match_nothing_are_one_line(tmp_path, cache_dir):
 
 
 # ----------------------------------------------------------------------------------------------- 9. Ctrl-C
-def test_ctrl_c_does_not_wait_for_the_reward_in_flight(tmp_path, helpers, cache_dir):
+@pytest.mark.parametrize("family", [FAST, FLOW[:-1]], ids=["sd", "flow"])
+def test_ctrl_c_does_not_wait_for_the_reward_in_flight(tmp_path, helpers, cache_dir, family):
     # SIGINT goes once the reward call has started (set-up time varies). The child gets SIGINT's default action back:
     # a shell runs a background job (`.ci/run &`) with SIGINT ignored, every process below inherits that, and a
     # Python started with SIGINT ignored installs no KeyboardInterrupt handler, so the run slept on through the
     # signal (the "hang" of the session-6 CI runs; a terminal's Ctrl-C reaches a foreground job)
     started = tmp_path / "reward_started"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLOW_REWARD_STARTED": str(started), **helpers}
-    process = subprocess.Popen([sys.executable, "-m", "ddpo_cli", "train", *FAST, *custom("slow"),
+    process = subprocess.Popen([sys.executable, "-m", "ddpo_cli", "train", *family, *custom("slow"),
                                 "train.num_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -386,6 +471,10 @@ def test_the_guards_by_hand():
     assert check_rewards(rewards, prompts, "r", 3, "drop").tolist() == [True, False, True, False]
     with pytest.raises(UserError, match="no finite value"):
         check_rewards(np.full(4, np.nan), prompts, "r", 3, "drop")
+    # issue #23: finite rewards whose statistics overflow trained on with reward_std inf
+    with pytest.raises(UserError, match=r"reward r returned values too large to normalise in epoch 3 \(largest "
+                                        r"\|r\| = 1e\+308"):
+        check_rewards(np.array([1e308, -1e308, 0.0, 1.0]), prompts, "r", 3, "stop")
     check_gradient(torch.tensor(1.5), 7)
     with pytest.raises(UserError, match="global step 7 produced a non-finite gradient"):
         check_gradient(torch.tensor(float("nan")), 7)

@@ -49,7 +49,7 @@ class FakeJudgeServer:
     """``POST /<mode>/v1/chat/completions`` -> one token with vLLM-format top_logprobs, chosen by the image colour.
 
     normal: RED_LOGPROBS (red image) or the same with yes/no swapped | yes_only: " Yes" -0.1, "The" -2.5 |
-    neither: "The" -0.1, "A" -2.5 | plain: a chat completion without logprobs."""
+    neither: "The" -0.1, "A" -2.5 | absurd: " Yes" 1e308 | plain: a chat completion without logprobs."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict]] = []
@@ -86,7 +86,8 @@ class FakeJudgeServer:
         red, _, blue = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").getpixel((0, 0))
         swap = {" Yes": " No", " No": " Yes"} if blue > red else {}
         table = {"normal": {swap.get(t, t): lp for t, lp in RED_LOGPROBS.items()},
-                 "yes_only": {" Yes": -0.1, "The": -2.5}, "neither": {"The": -0.1, "A": -2.5}}[mode]
+                 "yes_only": {" Yes": -0.1, "The": -2.5}, "neither": {"The": -0.1, "A": -2.5},
+                 "absurd": {" Yes": 1e308, " No": -0.1}}[mode]
         top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in table.items()]
         best = max(top, key=lambda entry: entry["logprob"])
         return {"choices": [{"message": {"role": "assistant", "content": best["token"]},
@@ -141,6 +142,14 @@ def test_an_image_with_neither_answer_gets_one_half_in_a_batch_with_answers(serv
     monkeypatch.setattr(reward, "masses", lambda images, questions: masses)
     rewards, info = check_contract(reward, flat_images([(255, 0, 0)] * 2), ["x", "y"], [{}, {}])
     assert rewards.tolist() == [0.75, 0.5] and info["yes_no_found"] == [True, False]
+
+
+def test_a_server_giving_absurd_log_probabilities_is_a_one_line_error(server):
+    # issue #23's probe: exp(1e308) overflowed into a traceback
+    reward = VLMJudge(backend="server", server_url=server.url("absurd"))
+    with pytest.raises(UserError, match=r"gave the token ' Yes' the log-probability 1e\+308, which is none") as error:
+        reward(flat_images([(255, 0, 0)]), ["x"], [{}])
+    assert "\n" not in str(error.value)
 
 
 def test_server_without_logprobs_is_a_one_line_error(server):

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ddpo_cli.errors import UserError  # noqa: E402
+from ddpo_cli.rewards.aesthetic import Aesthetic  # noqa: E402
 from ddpo_cli.rewards.base import to_uint8_hwc  # noqa: E402
 from ddpo_cli.rewards.clip import clip_pixels  # noqa: E402
 from ddpo_cli.rewards.hpsv2 import HPSv2  # noqa: E402
@@ -227,6 +228,35 @@ def test_missing_weights_are_one_line_user_errors(make, option):
     with pytest.raises(UserError, match=option) as error:
         make().setup("cpu")
     assert "\n" not in str(error.value)
+
+
+class RunsCode:
+    """A pickle that would run a shell command when loaded without ``weights_only``."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ddpo_pickle_ran",))
+
+
+DAMAGED = {"garbage.pth": lambda path: path.write_bytes(os.urandom(256)),
+           "empty.pth": lambda path: path.write_bytes(b""),
+           "list.pth": lambda path: torch.save([torch.zeros(2)], path),
+           "code.pth": lambda path: torch.save({"x": RunsCode()}, path),
+           "garbage.safetensors": lambda path: path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"),
+           "foreign.pth": lambda path: torch.save({"some.other.weight": torch.zeros(2, 2)}, path)}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED))
+@pytest.mark.parametrize("reward", [Aesthetic, HPSv2, ImageReward], ids=["aesthetic", "hpsv2", "imagereward"])
+def test_a_damaged_or_foreign_weights_file_is_one_line_naming_the_setting(tmp_path, reward, name, overrides):
+    # issue #23's probe: each was a traceback (the pickle refused by weights_only, but as a traceback)
+    path = tmp_path / name
+    DAMAGED[name](path)
+    tiny = {Aesthetic: [], HPSv2: overrides["hpsv2"][1:], ImageReward: overrides["imagereward"][1:]}[reward]
+    extra = {k: v for k, v in (o.removeprefix("reward.").split("=", 1) for o in tiny) if k != "weights_path"}
+    with pytest.raises(UserError, match="reward.weights_path") as error:
+        reward(weights_path=str(path), **extra).setup("cpu")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert not Path("/tmp/ddpo_pickle_ran").exists()
 
 
 def test_pickscore_missing_model_names_the_model_option(overrides):

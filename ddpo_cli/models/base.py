@@ -120,12 +120,9 @@ class ModelFamily:
     # ------------------------------------------------------------------------------------------ text
     def encode(self, prompts: list[str]) -> Conditioning:
         """Conditioning of ``prompts`` (each distinct prompt is encoded once and cached)."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            with torch.no_grad():
-                encoded = self.encode_uncached(missing)
-            for k, prompt in enumerate(missing):
-                self._cache[prompt] = encoded[k:k + 1]
+        for prompt in sorted({p for p in prompts if p not in self._cache}):
+            with torch.no_grad():  # one at a time: a text encoder's output depends on its batch in the last bits
+                self._cache[prompt] = self.encode_uncached([prompt])
         return Conditioning.cat([self._cache[p] for p in prompts])
 
     def encode_uncached(self, prompts: list[str]) -> Conditioning:

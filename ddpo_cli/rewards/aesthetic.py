@@ -34,14 +34,25 @@ class AestheticMLP(nn.Module):
         return self.layers(embedding)  # [B,768] -> [B,1]
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` or ``.pth``/``.pt`` state dict (``torch.load(weights_only=True)``: no pickled code)."""
+def load_state_dict(path: str | Path, option: str = "weights_path") -> dict:
+    """A ``.safetensors`` or ``.pth``/``.pt`` state dict (``torch.load(weights_only=True)``: no pickled code).
+    UserError naming ``reward.<option>`` and the file when it is not one (damaged, empty, another format, a list, or
+    a pickle that would run code)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, garbage, empty, or refused by weights_only
+        raise UserError(f"reward.{option}: {path} is not a readable weights file ({brief(error, 160)}): give the "
+                        f"reward's published weights (a .pth/.pt state dict or .safetensors)") from None
+    if not isinstance(state, dict):
+        raise UserError(f"reward.{option}: {path} holds a {type(state).__name__}, not a state dict: give the "
+                        f"reward's published weights")
+    return state
 
 
 def local_or_hub_file(path: str | None, repo: str, filename: str, option: str, what: str) -> str:
@@ -88,11 +99,16 @@ class Aesthetic(Reward):
                                  "copy)")
 
     def load(self) -> None:
+        path = self.weights()
+        state = load_state_dict(path)  # before the slow CLIP build: a bad file fails at once
+        try:
+            self.mlp = AestheticMLP(input_dim=state["layers.0.weight"].shape[1])  # 768 for ViT-L/14
+            self.mlp.load_state_dict(state)
+        except (KeyError, AttributeError, IndexError, RuntimeError) as error:
+            raise UserError(f"reward.weights_path: {path} is not the LAION aesthetic MLP ({brief(error, 160)}): give "
+                            f"sac+logos+ava1-l14-linearMSE.pth or its .safetensors copy") from None
         self.clip, self.pil_preprocess, _ = load_open_clip(self.model_name, self.pretrained, self.device, self.dtype)
         self.cfg = preprocess_cfg(self.clip)
-        state = load_state_dict(self.weights())
-        self.mlp = AestheticMLP(input_dim=state["layers.0.weight"].shape[1])  # 768 for ViT-L/14
-        self.mlp.load_state_dict(state)
         self.mlp = self.mlp.to(self.device).eval().requires_grad_(False)  # float32: tiny, and keeps scores exact
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:

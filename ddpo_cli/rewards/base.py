@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ._errors import brief
 
 
 class Reward:
@@ -104,7 +105,13 @@ class FunctionReward(Reward):
         self.name = name or getattr(fn, "__name__", "custom")
 
     def score(self, images, prompts, metadata):
-        out = self.fn(images, prompts, metadata)
+        try:
+            out = self.fn(images, prompts, metadata)
+        except UserError:
+            raise
+        except Exception as error:  # the user's code: one line naming it, not a traceback from inside the trainer
+            raise UserError(f"reward {self.name} raised {type(error).__name__} ({brief(error)}): fix the reward; the "
+                            f"checkpoints written so far are intact") from None
         rewards, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
         try:
             rewards = torch.as_tensor(rewards, device=images.device, dtype=torch.float32)

@@ -37,11 +37,14 @@ class HPSv2(_OpenClipReward):
                                  "the HPS checkpoint (HPS_v2.1_compressed.pt)")  # before the slow model build
         checkpoint = load_state_dict(path)
         state = checkpoint.get("state_dict", checkpoint)  # the HPS file nests it; a .safetensors copy cannot
+        if not isinstance(state, dict):
+            raise UserError(f"reward.weights_path: {path} holds a {type(state).__name__} as its state_dict: give "
+                            f"the HPS checkpoint (HPS_v2.1_compressed.pt)")
         super().load()  # the architecture only: open_clip logs that its weights are random; the HPS ones follow
         try:
             self.model.load_state_dict(state)
-        except RuntimeError as error:
-            raise UserError(f"the HPS checkpoint {path!r} does not fit the open_clip model {self.model_name!r} "
+        except (RuntimeError, TypeError, AttributeError) as error:
+            raise UserError(f"reward.weights_path: the HPS checkpoint {path!r} does not fit the open_clip model {self.model_name!r} "
                             f"({brief(error)}): HPS v2/v2.1 need reward.model_name=ViT-H-14") from error
 
     def score(self, images, prompts, metadata):

@@ -154,10 +154,15 @@ class ImageReward(Reward):
         renamed = self.renamed(state)
         try:
             vision_cfg = vision_config(state)
-        except KeyError as error:
-            raise UserError(f"{self.weights_path or self.weights_file} has no {error.args[0]!r}: give the "
-                            "THUDM/ImageReward checkpoint") from None
-        model = ImageRewardModel(vision_cfg, text_config(med_config, vision_cfg.hidden_size))
+        except (KeyError, AttributeError, ValueError, IndexError) as error:
+            raise UserError(f"reward.weights_path: {self.weights_path or self.weights_file} is not the ImageReward "
+                            f"checkpoint ({brief(error, 120)}): give THUDM/ImageReward's ImageReward.pt") from None
+        try:
+            text_cfg = text_config(med_config, vision_cfg.hidden_size)
+        except (OSError, ValueError, TypeError) as error:  # not JSON, or not a BERT config
+            raise UserError(f"reward.med_config: {med_config} is not BLIP's med_config.json ({brief(error, 120)}): "
+                            f"give the one of THUDM/ImageReward") from None
+        model = ImageRewardModel(vision_cfg, text_cfg)
         try:
             model.load_state_dict(renamed)
         except RuntimeError as error:
@@ -172,8 +177,9 @@ class ImageReward(Reward):
         """The checkpoint under :class:`ImageRewardModel`'s names; an unknown key is a UserError."""
         try:
             names = {key: transformers_key(key) for key in state}
-        except KeyError as error:
-            raise UserError(f"{self.weights_path or self.weights_file} has the key {error.args[0]!r}, which is not "
+        except (KeyError, AttributeError) as error:  # a name of another model, or not a name at all
+            raise UserError(f"reward.weights_path: {self.weights_path or self.weights_file} has the key "
+                            f"{error.args[0]!r}, which is not "
                             "in ImageReward v1.0: give the THUDM/ImageReward checkpoint") from None
         return {names[key]: value for key, value in state.items() if names[key] is not None}
 

@@ -204,6 +204,11 @@ class ServerVLM:
         def ask(image: Image.Image, question: str) -> list[float]:
             body = {**self.payload(image, question), "max_tokens": 1, "logprobs": True, "top_logprobs": top_logprobs}
             logprobs = self._answer_with_retries(json.dumps(body).encode("utf-8"), read=self._first_token_logprobs)
+            for token, value in logprobs.items():
+                if not -math.inf < value <= 1e-6:  # a little above 0 is rounding
+                    raise UserError(f"{self.label} at {self.endpoint} gave the token {token!r} the log-probability "
+                                    f"{value:g}, which is none (a log-probability is finite and <= 0): check the "
+                                    f"server and its --max-logprobs setting")
             return [sum(math.exp(logprobs[t]) for t in set(variants) if t in logprobs)
                     for variants in (yes_tokens, no_tokens)]
 
