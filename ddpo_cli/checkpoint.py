@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, brief
 from .models import ModelFamily
 from .runs import STATE_FILE, checkpoint_dir, list_checkpoints, read_state
 
@@ -81,14 +81,8 @@ def resume(model: ModelFamily, denoiser, optimizer, requested: Path, use_lora: b
             load_weights(model, denoiser, path, use_lora)
             optimizer.load_state_dict(state["optimizer"])
         except (UserError, ValueError, KeyError, RuntimeError) as exc:
-            skipped.append(f"{path.name}: {_brief(exc)}")
+            skipped.append(f"{path.name}: {brief(exc, 240)}")
             continue
         return path, state, skipped
     raise UserError(f"cannot resume from {requested}: {skipped[0] if skipped else 'no checkpoint'}; resume with the "
                     f"model and model.lora settings of the run that wrote it")
-
-
-def _brief(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-

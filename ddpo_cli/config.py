@@ -29,7 +29,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from .errors import UserError
+from .errors import UserError, brief
 from .runs import find_checkpoint, list_checkpoints, read_state, run_dir_of
 from .schedules import SCHEDULES
 
@@ -586,7 +586,7 @@ def build(node: DictConfig, where: str):
         return instantiate(node, _convert_="all")
     except (InstantiationException, UserError, ValueError, TypeError) as exc:
         cause = exc.__cause__ or exc
-        message = " ".join(str(cause).split())[:300] or type(cause).__name__
+        message = brief(cause)
         raise UserError(message if isinstance(cause, UserError) else f"{where}: {message}") from None
     finally:
         hydra_log.disabled = False

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from .errors import UserError
+from .errors import UserError, brief, loading
 from .prompts import PromptSet, number_value, singular
-from .rewards._errors import brief
 from .rewards.vlm import ServerVLM, _dtype_kwarg
 from .runtime import WEIGHT_DTYPES, derive_seed, resolve_precision
 
@@ -140,13 +139,11 @@ class Embedder:
     the attention mask, unit length; ``embedder(texts) -> [N, D]`` float32 on the CPU."""
 
     def __init__(self, model: str, device: torch.device, batch_size: int = 64) -> None:
-        try:
+        with loading(f"the embedding model {model!r}", "give a hub id or local folder of a transformers encoder as "
+                     "prompts.embedding_model, or turn near-duplicate removal off with "
+                     "prompts.near_duplicate_threshold=null"):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
             self.model = transformers.AutoModel.from_pretrained(model).to(device).eval().requires_grad_(False)
-        except Exception as error:
-            raise UserError(f"could not load the embedding model {model!r} ({brief(error)}): give a hub id or local "
-                            f"folder of a transformers encoder as prompts.embedding_model, or turn near-duplicate "
-                            f"removal off with prompts.near_duplicate_threshold=null") from None
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()
@@ -202,14 +199,11 @@ class TransformersLM:
         self.model_id, self.max_new_tokens, self.temperature, self.top_p = model, max_new_tokens, temperature, top_p
 
     def load(self, device: torch.device, dtype: torch.dtype) -> None:
-        try:
+        with loading(f"the prompt LLM {self.model_id!r}", "give prompts.model as a hub id of a causal LM (downloaded "
+                     "once) or a local folder saved with save_pretrained, or use prompts.backend=server"):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_id)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_id,
                                                                           **_dtype_kwarg(transformers, dtype))
-        except Exception as error:
-            raise UserError(f"could not load the prompt LLM {self.model_id!r} ({brief(error)}): give prompts.model "
-                            f"as a hub id of a causal LM (downloaded once) or a local folder saved with "
-                            f"save_pretrained, or use prompts.backend=server") from None
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device = device
 

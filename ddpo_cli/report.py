@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .images import to_uint8_hwc
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -67,8 +69,7 @@ def image_grid(images: torch.Tensor, captions: list[str], columns: int | None = 
     font = ImageFont.load_default()
     grid = Image.new("RGB", (columns * side, rows * (side + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, (array, caption) in enumerate(zip(arrays, captions)):
+    for i, (array, caption) in enumerate(zip(to_uint8_hwc(images), captions)):
         x, y = (i % columns) * side, (i // columns) * (side + caption_height)
         grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
         for line_no, line in enumerate(_wrap(caption, side)[:2]):

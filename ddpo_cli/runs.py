@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .errors import UserError
+from .errors import UserError, brief
 
 try:
     import fcntl
@@ -79,7 +79,7 @@ def read_state(checkpoint: Path, mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, garbage, or not a torch file at all
-        raise UserError(f"{path} is unreadable ({' '.join(str(exc).split())[:240]})") from None
+        raise UserError(f"{path} is unreadable ({brief(exc, 240)})") from None
     missing = {"epoch", "global_step", "optimizer", "stat_tracker"} - set(state if isinstance(state, dict) else {})
     if missing:
         raise UserError(f"{path} lacks {', '.join(sorted(missing))}: not a ddpo-cli checkpoint")
@@ -213,7 +213,7 @@ def load_run_config(run: str | Path) -> DictConfig:
     try:
         config = OmegaConf.load(path / RUN_CONFIG)
     except Exception as exc:  # YAML syntax, duplicate keys, not text
-        reason = " ".join(str(exc).split())[:160]
+        reason = brief(exc, 160)
         raise UserError(f"{path / RUN_CONFIG} is not a readable config ({reason})") from None
     if not isinstance(config, DictConfig):
         raise UserError(f"{path / RUN_CONFIG} is not a run config (a YAML mapping)")

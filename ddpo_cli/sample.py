@@ -22,6 +22,7 @@ from rich.console import Console
 
 from . import checkpoint, report
 from .config import build
+from .images import to_uint8_hwc
 from .models import load_model, set_lora_scale
 from .probe import score_in_batches
 from .prompts import PROMPTS_FILE
@@ -145,8 +146,7 @@ def image_file(spec: ImageSpec) -> str:
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """``[3,H,W]`` in [0,1] -> 8-bit PNG."""
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
+    Image.fromarray(to_uint8_hwc(image[None])[0]).save(path)
 
 
 def write_samples(out_dir: Path, images: torch.Tensor, specs: list[ImageSpec], rows: list[dict], n: int) -> None:

@@ -16,7 +16,7 @@ LAYERS = [
     {"algorithms", "rewards", "prompts", "prompt_synthesis", "prompt_benchmarks", "geneval_prompts", "advantages",
      "toyworld"},
     {"models", "samplers"},
-    {"runs", "runtime", "schedules", "stats"},
+    {"runs", "runtime", "schedules", "stats", "images", "text_features"},
     {"errors"},
 ]
 

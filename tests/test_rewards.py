@@ -94,7 +94,7 @@ def test_clip_score_loads_named_model_with_local_weights_file(tiny_clip):
 
 
 def test_clip_missing_weights_is_a_one_line_user_error():
-    with pytest.raises(UserError, match="could not load open_clip model") as error:
+    with pytest.raises(UserError, match="could not load the open_clip model") as error:
         ClipScore(model_name="ViT-B-32", pretrained="/nonexistent/weights.pt").setup("cpu")
     assert "\n" not in str(error.value)
 

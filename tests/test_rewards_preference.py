@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 
 from ddpo_cli.errors import UserError  # noqa: E402
 from ddpo_cli.rewards.aesthetic import Aesthetic  # noqa: E402
-from ddpo_cli.rewards.base import to_uint8_hwc  # noqa: E402
+from ddpo_cli.images import to_uint8_hwc  # noqa: E402
 from ddpo_cli.rewards.clip import clip_pixels  # noqa: E402
 from ddpo_cli.rewards.hpsv2 import HPSv2  # noqa: E402
 from ddpo_cli.rewards.imagereward import SCORE_MEAN, SCORE_STD, ImageReward, transformers_key  # noqa: E402

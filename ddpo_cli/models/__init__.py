@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from packaging.version import Version
 
-from ..errors import UserError
+from ..errors import UserError, brief
 from .base import ModelFamily, adapters_disabled, set_lora_scale
 from .conditioning import Conditioning
 from .flux import Flux
@@ -79,7 +79,7 @@ def check_hub_reachable(repo_id: str, revision: str | None) -> None:
             return
         huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
     except Exception as exc:  # offline mode, DNS, refused connection, unknown or gated repository, bad id
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        reason = brief(exc, 160)
         raise UserError(f"cannot download model '{repo_id}' from the Hugging Face hub ({reason}): give a local "
                         f"diffusers folder with model.pretrained=<folder>, or run the CPU toy world with "
                         f"experiment=quickstart") from None
@@ -113,7 +113,7 @@ def load_pipeline(cls: type[ModelFamily], path: str, model_cfg: DictConfig, dtyp
                                                   **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if local else "hub model"
-        first = " ".join(str(exc).split())[:200]
+        first = brief(exc, 200)
         raise UserError(f"cannot load {where} '{path}' as a {cls.pipeline_class.__name__} ({first}): check "
                         f"model.family={cls.family} and model.pretrained (without network use model=tiny, "
                         f"model=tiny_shapes or a local diffusers folder)") from None

@@ -21,7 +21,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..errors import UserError
+from ..text_features import TextFeatureCache
+from ..errors import UserError, brief
 from ..runs import LORA_FILE
 from .conditioning import Conditioning
 
@@ -46,7 +47,7 @@ class ModelFamily:
         if self.resolution % self.vae_scale_factor:
             raise UserError(f"model.resolution={self.resolution} is not a multiple of the VAE factor "
                             f"{self.vae_scale_factor}")
-        self._cache: dict[str, Conditioning] = {}
+        self._conditioning = TextFeatureCache(self.encode_uncached)
         self._negative: Conditioning | None = None
 
     # ------------------------------------------------------------------------------------------ parts
@@ -95,7 +96,7 @@ class ModelFamily:
             except ValueError as exc:  # peft: no module of the denoiser matches the targets
                 raise UserError(f"model.lora.target_modules={list(lora.target_modules)} does not fit the "
                                 f"{self.denoiser_name} of model.family={self.family} "
-                                f"({' '.join(str(exc).split())[:160]}): name its attention layers, e.g. "
+                                f"({brief(exc, 160)}): name its attention layers, e.g. "
                                 f"[to_q,to_k,to_v,to_out.0]") from None
             for param in self.trainable_parameters():
                 param.data = param.data.float()  # LoRA parameters stay fp32 under fp16/bf16
@@ -119,11 +120,8 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------ text
     def encode(self, prompts: list[str]) -> Conditioning:
-        """Conditioning of ``prompts`` (each distinct prompt is encoded once and cached)."""
-        for prompt in sorted({p for p in prompts if p not in self._cache}):
-            with torch.no_grad():  # one at a time: a text encoder's output depends on its batch in the last bits
-                self._cache[prompt] = self.encode_uncached([prompt])
-        return Conditioning.cat([self._cache[p] for p in prompts])
+        """Conditioning of ``prompts`` (each distinct prompt is encoded once, alone, and cached)."""
+        return Conditioning.cat(self._conditioning(prompts))
 
     def encode_uncached(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
@@ -211,7 +209,7 @@ class ModelFamily:
             result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(weights),
                                                adapter_name="default")
         except Exception as exc:  # a corrupt file (SafetensorError), or shapes of another rank (RuntimeError)
-            reason = " ".join(str(exc).split())[:200]
+            reason = brief(exc, 200)
             raise UserError(f"{folder / LORA_FILE} cannot be loaded into this model's LoRA ({reason}): use the same "
                             f"model and model.lora settings as the run that wrote it") from None
         unexpected = getattr(result, "unexpected_keys", None)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import UserError
-from ._errors import brief
-from .base import Reward, to_uint8_hwc
+from ..images import to_uint8_hwc
+from ..errors import UserError, brief, loading
+from .base import Reward
 from .clip import load_open_clip, preprocess_cfg, clip_pixels
 
 
@@ -64,11 +64,9 @@ def local_or_hub_file(path: str | None, repo: str, filename: str, option: str, w
         return str(Path(path).expanduser())
     from huggingface_hub import hf_hub_download
 
-    try:
+    with loading(f"{filename!r} from the hub repo {repo!r}", f"download it once with network access or set "
+                                                             f"reward.{option}=<local file>"):
         return hf_hub_download(repo, filename)
-    except Exception as error:
-        raise UserError(f"could not get {filename!r} from the hub repo {repo!r} ({brief(error)}): download it once "
-                        f"with network access or set reward.{option}=<local file>") from error
 
 
 class Aesthetic(Reward):

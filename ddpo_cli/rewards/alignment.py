@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
-from ._errors import brief
+from ..errors import UserError, loading
 from ..toyworld.describe import ShapesCaptioner
 from .base import Reward
 from .prompt_edits import EDIT_KINDS, minimal_edits, object_of
@@ -121,9 +120,7 @@ def load_bertscore(model: str, num_layers: int | None, device: torch.device, bat
     if num_layers is None and model not in model2layers:
         raise UserError(f"reward.bertscore_num_layers is needed for {model!r} (bert-score only knows layers of hub "
                         "models it was tuned on): give the layer to use, e.g. the model's number of layers")
-    try:
+    with loading(f"the BERTScore model {model!r}", "give a hub id (downloaded once) or a local folder via "
+                                                   "reward.bertscore_model"):
         return BERTScorer(model_type=model, num_layers=num_layers, batch_size=batch_size, device=str(device),
                           use_fast_tokenizer=True)
-    except Exception as error:
-        raise UserError(f"could not load the BERTScore model {model!r} ({brief(error)}): give a hub id (downloaded "
-                        "once) or a local folder via reward.bertscore_model") from error

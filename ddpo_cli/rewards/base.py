@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ._errors import brief
+from ..errors import UserError, brief
 
 
 class Reward:
@@ -85,11 +84,6 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     mode = "area" if images.shape[-1] > size else "bilinear"
     return F.interpolate(images.float(), size=(size, size), mode=mode)
-
-
-def to_uint8_hwc(images: torch.Tensor):
-    """``[B,3,H,W]`` float in [0,1] -> numpy ``[B,H,W,3]`` uint8 (rounded, clamped)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class FunctionReward(Reward):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..errors import UserError
-from ._errors import brief
+from ..text_features import TextFeatureCache
+from ..errors import UserError, loading
 from ..prompts import NUMBER_WORDS
 from .base import Reward
 
@@ -27,14 +27,11 @@ def load_open_clip(model_name: str, pretrained: str | None, device: torch.device
     """-> ``(model, pil_preprocess, tokenizer)``; the model frozen, in eval mode, on ``device`` in ``dtype``."""
     import open_clip
 
-    try:
+    with loading(f"the open_clip model {model_name!r} with pretrained={pretrained!r}", "give a model name from "
+                 "open_clip.list_models() with a pretrained tag (needs the hub once) or a local file, or "
+                 "model_name=local-dir:/path/to/folder"):  # download failures, missing files, unknown names
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
         tokenizer = open_clip.get_tokenizer(model_name)
-    except Exception as error:  # download failures, missing files, unknown names: all fixable by the user
-        raise UserError(
-            f"could not load open_clip model {model_name!r} (pretrained={pretrained!r}): {brief(error)}. Give a "
-            f"model name from open_clip.list_models() with a pretrained tag (needs the hub once) or a local file, "
-            f"or model_name=local-dir:/path/to/folder") from error
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, preprocess, tokenizer
 
@@ -77,28 +74,26 @@ class _OpenClipReward(Reward):
     def __init__(self, model_name: str, pretrained: str | None, template: str) -> None:
         super().__init__()
         self.model_name, self.pretrained, self.template = model_name, pretrained, template
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache = TextFeatureCache(self.encode_texts)
 
     def load(self) -> None:
         self.model, self.pil_preprocess, self.tokenizer = load_open_clip(
             self.model_name, self.pretrained, self.device, self.dtype)
         self.cfg = preprocess_cfg(self.model)
-        self._text_cache = {}
+        self.text_cache.clear()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> ``[B,D]`` L2-normalised float32 embeddings (differentiable)."""
         pixels = clip_pixels(images.to(self.device, torch.float32), self.cfg)
         return F.normalize(self.model.encode_image(pixels.to(self.dtype)).float(), dim=-1)
 
-    @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """``N`` texts -> ``[N,D]`` L2-normalised embeddings; each distinct text is encoded once per run."""
-        missing = sorted({t for t in texts if t not in self._text_cache})
-        if missing:
-            tokens = self.tokenizer([self.template.format(prompt=t) for t in missing]).to(self.device)
-            features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            self._text_cache.update(zip(missing, features))
-        return torch.stack([self._text_cache[t] for t in texts])
+        return torch.cat(self.text_cache(texts))
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer([self.template.format(prompt=t) for t in texts]).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
 class ClipScore(_OpenClipReward):

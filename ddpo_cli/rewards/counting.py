@@ -12,8 +12,7 @@ import re
 
 import torch
 
-from ..errors import UserError
-from ._errors import brief
+from ..errors import UserError, loading
 from ..prompts import NUMBER_WORDS
 from .base import Reward
 from .vlm import make_vlm, to_pil
@@ -49,12 +48,10 @@ class OwlCounter:
     def load(self, device: torch.device, dtype: torch.dtype) -> None:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        try:
+        with loading(f"the detector {self.model_id!r}", "give an OWLv2/OWL-ViT hub id (downloaded once) or a local "
+                                                        "folder saved with save_pretrained"):
             self.processor = AutoProcessor.from_pretrained(self.model_id)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.model_id)
-        except Exception as error:
-            raise UserError(f"could not load the detector {self.model_id!r} ({brief(error)}): give an OWLv2/OWL-ViT "
-                            "hub id (downloaded once) or a local folder saved with save_pretrained") from error
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device = device
 

@@ -39,11 +39,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..images import to_uint8_hwc
 from ..errors import UserError
 from ..toyworld.detect import detect
 from ..toyworld.render import COLOURS as TOY_COLOURS
 from ..toyworld.render import SHAPES
-from .base import Reward, resize_square, to_uint8_hwc
+from .base import Reward, resize_square
 from .clip import load_open_clip
 from .counting import OwlCounter, boxes_kept
 from .vlm import to_pil

@@ -10,8 +10,7 @@ Preprocessing is clip.py's torch path (resize, centre crop, CLIP mean/std): diff
 """
 from __future__ import annotations
 
-from ..errors import UserError
-from ._errors import brief
+from ..errors import UserError, brief
 from .aesthetic import load_state_dict, local_or_hub_file
 from .clip import _OpenClipReward
 

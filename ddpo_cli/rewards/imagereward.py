@@ -22,8 +22,7 @@ import re
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ._errors import brief
+from ..errors import UserError, brief, loading
 from .aesthetic import AestheticMLP, load_state_dict, local_or_hub_file
 from .base import Reward
 from .clip import CLIP_MEAN, CLIP_STD, clip_pixels
@@ -146,11 +145,9 @@ class ImageReward(Reward):
                                                   "weights_path", "the ImageReward checkpoint (ImageReward.pt)"))
         med_config = local_or_hub_file(self.med_config, self.weights_repo, "med_config.json", "med_config",
                                        "BLIP's med_config.json (the text encoder's BERT config)")
-        try:
+        with loading(f"the tokenizer {self.tokenizer_id!r}", "set reward.tokenizer to bert-base-uncased (downloaded "
+                                                             "once) or a local folder of it"):
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id)
-        except Exception as error:
-            raise UserError(f"could not load the tokenizer {self.tokenizer_id!r} ({brief(error)}): set reward."
-                            "tokenizer to bert-base-uncased (downloaded once) or a local folder of it") from error
         renamed = self.renamed(state)
         try:
             vision_cfg = vision_config(state)

@@ -6,7 +6,8 @@ import io
 import torch
 from PIL import Image
 
-from .base import Reward, to_uint8_hwc
+from ..images import to_uint8_hwc
+from .base import Reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:

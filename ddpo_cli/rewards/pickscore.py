@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ._errors import brief
+from ..text_features import TextFeatureCache
+from ..errors import loading
 from .base import Reward
 from .clip import clip_pixels
 
@@ -44,27 +44,21 @@ class PickScore(Reward):
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K") -> None:
         super().__init__()
         self.model_id, self.processor_id = model, processor
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache = TextFeatureCache(self.encode_texts)
 
     def load(self) -> None:
         from transformers import AutoProcessor, CLIPModel
 
-        try:
+        with loading(f"the PickScore processor {self.processor_id!r}", "set reward.processor to a hub id "
+                     "(downloaded once) or a local folder of a CLIP processor"):
             processor = AutoProcessor.from_pretrained(self.processor_id)
-        except Exception as error:
-            raise UserError(f"could not load the PickScore processor {self.processor_id!r} ({brief(error)}): set "
-                            "reward.processor to a hub id (downloaded once) or a local folder of a CLIP processor"
-                            ) from error
-        try:
+        with loading(f"the PickScore model {self.model_id!r}", "set reward.model to a hub id (downloaded once) or a "
+                                                                "local folder saved with save_pretrained"):
             model = CLIPModel.from_pretrained(self.model_id)
-        except Exception as error:
-            raise UserError(f"could not load the PickScore model {self.model_id!r} ({brief(error)}): set "
-                            "reward.model to a hub id (downloaded once) or a local folder saved with save_pretrained"
-                            ) from error
         self.tokenizer = processor.tokenizer
         self.cfg = processor_pixels_cfg(processor.image_processor)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self._text_cache = {}
+        self.text_cache.clear()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> ``[B,D]`` L2-normalised float32 embeddings (differentiable)."""
@@ -72,18 +66,15 @@ class PickScore(Reward):
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
-    @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """``N`` texts -> ``[N,D]`` L2-normalised embeddings; each distinct text is encoded once per run."""
-        missing = sorted({t for t in texts if t not in self._text_cache})
-        if missing:
-            tokens = self.tokenizer(missing, padding=True, truncation=True, max_length=77,
-                                    return_tensors="pt").to(self.device)
-            pooled = self.model.text_model(input_ids=tokens.input_ids,
-                                           attention_mask=tokens.attention_mask).pooler_output
-            features = F.normalize(self.model.text_projection(pooled).float(), dim=-1)
-            self._text_cache.update(zip(missing, features))
-        return torch.stack([self._text_cache[t] for t in texts])
+        return torch.cat(self.text_cache(texts))
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        pooled = self.model.text_model(input_ids=tokens.input_ids.to(self.device),
+                                       attention_mask=tokens.attention_mask.to(self.device)).pooler_output
+        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
     def score(self, images, prompts, metadata):
         cosine = (self.image_features(images) * self.text_features(prompts)).sum(-1)  # [B]

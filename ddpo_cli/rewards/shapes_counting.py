@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..toyworld.detect import check, detect
-from .base import Reward, resize_square, to_uint8_hwc
+from ..images import to_uint8_hwc
+from .base import Reward, resize_square
 
 
 class ShapesCounting(Reward):

@@ -26,9 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from ..errors import UserError
-from ._errors import brief
-from .base import to_uint8_hwc
+from ..images import to_uint8_hwc
+from ..errors import UserError, brief, loading
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -46,13 +45,10 @@ class TransformersVLM:
         import transformers
 
         auto_model = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        try:
+        with loading(f"the VLM {self.model_id!r}", "give a hub id of an image-text-to-text model (downloaded once) "
+                                                   "or a local folder saved with save_pretrained"):
             self.processor = transformers.AutoProcessor.from_pretrained(self.model_id)
             self.model = auto_model.from_pretrained(self.model_id, **_dtype_kwarg(transformers, dtype))
-        except Exception as error:
-            raise UserError(f"could not load the VLM {self.model_id!r} ({brief(error)}): give a hub id of an "
-                            "image-text-to-text model (downloaded once) or a local folder saved with save_pretrained"
-                            ) from error
         self.processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device = device
