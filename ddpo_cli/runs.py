@@ -217,7 +217,25 @@ def load_run_config(run: str | Path) -> DictConfig:
         raise UserError(f"{path / RUN_CONFIG} is not a readable config ({reason})") from None
     if not isinstance(config, DictConfig):
         raise UserError(f"{path / RUN_CONFIG} is not a run config (a YAML mapping)")
-    return config
+    return OmegaConf.create(moved_targets(OmegaConf.to_container(config, resolve=False)))
+
+
+MOVED_TARGETS = {  # _target_s that runs written by earlier versions name -> where that code lives now
+    "ddpo_cli.prompt_synthesis.LLMPromptSet": "ddpo_cli.prompts.synthesis.LLMPromptSet",
+    "ddpo_cli.prompt_benchmarks.parti_prompts": "ddpo_cli.prompts.parti_prompts",
+    "ddpo_cli.prompt_benchmarks.drawbench": "ddpo_cli.prompts.drawbench",
+    "ddpo_cli.geneval_prompts.geneval": "ddpo_cli.prompts.geneval",
+    "ddpo_cli.geneval_prompts.shapes_geneval": "ddpo_cli.toyworld.prompts.shapes_geneval",
+    "ddpo_cli.geneval_prompts.shapes_geneval_heldout": "ddpo_cli.toyworld.prompts.shapes_geneval_heldout",
+}
+
+
+def moved_targets(node: Any) -> Any:
+    """A config container with every moved ``_target_`` (:data:`MOVED_TARGETS`) renamed."""
+    if isinstance(node, dict):
+        return {key: MOVED_TARGETS.get(value, value) if key == "_target_" else moved_targets(value)
+                for key, value in node.items()}
+    return [moved_targets(value) for value in node] if isinstance(node, list) else node
 
 
 # ----------------------------------------------------------------------------------------------- sweeps

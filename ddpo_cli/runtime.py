@@ -101,6 +101,14 @@ def quiet_libraries() -> None:
         library.utils.logging.set_verbosity_error()
 
 
+def transformers_dtype(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s precision argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers  # deferred: only models loaded through transformers need it
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context for fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

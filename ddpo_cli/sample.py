@@ -25,7 +25,7 @@ from .config import build
 from .images import to_uint8_hwc
 from .models import load_model, set_lora_scale
 from .probe import score_in_batches
-from .prompts import PROMPTS_FILE
+from .prompts.run_files import load_run_set
 from .rollout import images_from_seeds
 from .runs import resolve_checkpoint
 from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_libraries, resolve_precision, set_threads
@@ -57,10 +57,7 @@ def select_prompts(num_items: int, num_prompts: int | None) -> list[int]:
 def build_prompts(cfg: DictConfig):
     """The prompt set of ``cfg.prompts``; a set made at run time (``prompts=llm``) is read from the run's file
     (or ``prompts.cache``), never generated."""
-    prompt_set = build(cfg.prompts, "prompts")
-    if hasattr(prompt_set, "load"):
-        prompt_set.load(Path(cfg.run) / PROMPTS_FILE if cfg.run else None)
-    return prompt_set
+    return load_run_set(build(cfg.prompts, "prompts"), cfg.run)
 
 
 def plan_images(prompt_set, num_prompts: int | None, n: int, seed: int) -> list[ImageSpec]:

@@ -31,7 +31,7 @@ from .errors import UserError
 from .models import adapters_disabled, load_model, resolve_model_path
 from .probe import (Probe, describe_sampler, fixed_sampler_config, paired_gain, plan_probe, probe_images,
                     probe_scores)
-from .prompts import HELDOUT_PROMPTS_FILE, PROMPTS_FILE
+from .prompts.run_files import HELDOUT_PROMPTS_FILE, PROMPTS_FILE, prepare_run_sets
 from .runs import lock_run, supersede_after
 from .rollout import (EpochSamples, Trajectory, branched_noise, denoising_errors, generator_noise, kl_to_base,
                       mirrored_noise, output_drift, policy_step, run_chain)
@@ -68,7 +68,9 @@ class Trainer:
         set_tf32(self.device, cfg.model.allow_tf32)
         self.counts = plan.counts.for_processes(self.accelerator.num_processes)
         self.algo, self.prompt_set, self.reward_fn = plan.algorithm, plan.prompts, plan.reward
-        self.prepare_prompt_sets(plan)
+        prepare_run_sets([(plan.prompts, PROMPTS_FILE), (plan.heldout, HELDOUT_PROMPTS_FILE)], self.run_dir,
+                         self.device, self.accelerator.is_main_process, self.accelerator.wait_for_everyone,
+                         resuming=plan.resume is not None)
         self.reward_fn.setup(self.device, torch.float32)
         self.model = load_model(cfg.model, self.device, WEIGHT_DTYPES[self.precision], lora_seed=cfg.seed)
         self.sampler = build_sampler(cfg.sampler, self.model)
@@ -95,18 +97,6 @@ class Trainer:
             for warning in plan.warnings:
                 console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         self.probes, self.probe_base = self.setup_paired(plan)
-
-    def prepare_prompt_sets(self, plan: RunPlan) -> None:
-        """Prompt sets made at run time (``prompts=llm``) live in files of the run folder: the main process generates
-        them (a fresh run) or checks them (a resumed one), then the other processes read them. Never regenerated
-        mid-run: a resumed run without its file stops."""
-        sets = [(plan.prompts, PROMPTS_FILE), (plan.heldout, HELDOUT_PROMPTS_FILE)]
-        for prompt_set, name in [(s, n) for s, n in sets if hasattr(s, "prepare")]:
-            if self.accelerator.is_main_process:
-                prompt_set.prepare(self.run_dir / name, self.device, resuming=plan.resume is not None)
-            self.accelerator.wait_for_everyone()
-            if not self.accelerator.is_main_process:
-                prompt_set.prepare(self.run_dir / name, self.device, resuming=True)
 
     def setup_paired(self, plan: RunPlan) -> tuple[list[Probe], dict]:
         """The probes of ``log.paired`` (main process only) and the base model's scores on them: with LoRA the

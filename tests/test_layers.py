@@ -13,7 +13,7 @@ LAYERS = [
     {"sample", "evaluate", "sweep", "trainer"},
     {"sample_config", "checkpoint", "probe", "rollout", "report", "guards"},
     {"config"},
-    {"algorithms", "rewards", "prompts", "prompt_synthesis", "prompt_benchmarks", "geneval_prompts", "advantages",
+    {"algorithms", "rewards", "prompts", "clients", "advantages",
      "toyworld"},
     {"models", "samplers"},
     {"runs", "runtime", "schedules", "stats", "images", "text_features"},

@@ -23,7 +23,7 @@ def test_a_probe_covers_its_set_evenly_with_seeds_that_depend_only_on_its_name_a
 
 def test_a_probe_of_a_large_set_is_a_seeded_sample_not_the_top_of_the_file():
     # issue #23: the first 64 of PartiPrompts are mostly one-word "Abstract" prompts; 45 of 64 probe prompts were
-    from ddpo_cli.prompt_benchmarks import parti_prompts
+    from ddpo_cli.prompts.benchmarks import parti_prompts
 
     prompts = parti_prompts()
     probe = plan_probe("trained", prompts, 64, seed=42)

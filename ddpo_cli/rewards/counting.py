@@ -13,7 +13,7 @@ import re
 import torch
 
 from ..errors import UserError, loading
-from ..prompts import NUMBER_WORDS
+from ..prompts.words import NUMBER_WORDS
 from .base import Reward
 from .vlm import make_vlm, to_pil
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from ..prompts import NUMBER_WORDS, number_value, plural
+from ..prompts.words import NUMBER_WORDS, number_value, plural
 
 EDIT_KINDS = ("count", "colour", "object", "negation")
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray"]

@@ -2,12 +2,13 @@
 
 The 48 combos (counts 1-4 x 4 colours x 3 shapes) are split into a training set and a fixed held-out set of 10
 combos (21%). Every count, colour and shape still appears in training, so the held-out set measures whether RL
-generalises to new *combinations*. (The pretrained model itself saw all 48 captions.)
+generalises to new *combinations*. (The pretrained model itself saw all 48 captions.) ``shapes_geneval`` and
+``shapes_geneval_heldout`` are the same sets with GenEval metadata, for ``reward=geneval reward.detector=shapes``.
 """
 from __future__ import annotations
 
-from ..prompts import PromptSet
 from ..errors import UserError
+from ..prompts.sets import PromptSet
 from .render import COLOURS, COUNTS, SHAPES, caption, metadata
 
 HELDOUT = [
@@ -44,3 +45,27 @@ def shapes_heldout(low: int = 1, high: int = 4, colours: list[str] | None = None
                    shapes: list[str] | None = None) -> PromptSet:
     """Held-out prompts: the :data:`HELDOUT` combos in the range (10 by default)."""
     return _prompt_set([c for c in _combos(low, high, colours, shapes) if c in HELDOUT], "shapes_heldout")
+
+
+def toy_geneval_metadata(meta: dict) -> dict:
+    """Toy metadata ``{"count", "colour", "shape"}`` -> the same plus GenEval's: exactly ``count`` shapes of that
+    kind, all in that colour (``include`` with the colour, ``exclude`` count + 1 as GenEval's counting prompts)."""
+    count, colour, shape = meta["count"], meta["colour"], meta["shape"]
+    return {**meta, "tag": "counting", "include": [{"class": shape, "count": count, "color": colour}],
+            "exclude": [{"class": shape, "count": count + 1}]}
+
+
+def _with_geneval(prompts: PromptSet, name: str) -> PromptSet:
+    return PromptSet([(prompt, toy_geneval_metadata(meta)) for prompt, meta in prompts.items], name=name)
+
+
+def shapes_geneval(low: int = 1, high: int = 4, colours: list[str] | None = None, shapes: list[str] | None = None,
+                   include_heldout: bool = False) -> PromptSet:
+    """The toy world's training prompts (``shapes_train``) with GenEval metadata."""
+    return _with_geneval(shapes_train(low, high, colours, shapes, include_heldout), "shapes_geneval")
+
+
+def shapes_geneval_heldout(low: int = 1, high: int = 4, colours: list[str] | None = None,
+                           shapes: list[str] | None = None) -> PromptSet:
+    """The toy world's held-out prompts (``shapes_heldout``) with GenEval metadata."""
+    return _with_geneval(shapes_heldout(low, high, colours, shapes), "shapes_geneval_heldout")

@@ -11,7 +11,7 @@ import random
 
 import numpy as np
 
-from ..prompts import NUMBER_WORDS
+from ..prompts.words import NUMBER_WORDS
 
 SIZE = 32
 BACKGROUND = (0, 0, 0)

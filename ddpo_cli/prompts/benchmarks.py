@@ -1,4 +1,5 @@
-"""The prompt lists of text-to-image benchmarks: PartiPrompts ships with the package, DrawBench is read from your copy.
+"""The prompt lists of text-to-image benchmarks: PartiPrompts ships with the package, DrawBench and GenEval are read
+from your copy.
 
 - **PartiPrompts** (P2, Yu et al. 2022, github.com/google-research/parti, file ``PartiPrompts.tsv``; Apache-2.0):
   1632 prompts, tab-separated columns ``Prompt``, ``Category`` (Animals, Artifacts, Arts, ..., World Knowledge),
@@ -10,16 +11,21 @@
   Count, DALL-E, Descriptions, Gary Marcus et al., Misspellings, Positional, Rare Words, Reddit, Text); export the
   sheet as CSV.
 
-For DrawBench give the path of your copy. Each row's other columns become the prompt's metadata; ``categories`` /
-``challenges`` keep only the rows with one of the given values.
+- **GenEval** (Ghosh et al. 2023, github.com/djghosh13/geneval, ``prompts/evaluation_metadata.jsonl``): one JSON
+  object per line, ``{"tag", "prompt", "include": [...], "exclude": [...]}``; the prompt is its ``prompt`` and its
+  metadata the whole object (what ``reward=geneval`` checks).
+
+For DrawBench and GenEval give the path of your copy. A table row's other columns become the prompt's metadata;
+``categories`` / ``challenges`` keep only the rows with one of the given values.
 """
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
-from .errors import UserError
-from .prompts import ASSETS, PromptSet
+from ..errors import UserError
+from .sets import ASSETS, PromptSet
 
 
 def read_table(path: str, delimiter: str, prompt_column: str, what: str) -> list[dict]:
@@ -56,7 +62,8 @@ def to_prompt_set(rows: list[dict], prompt_column: str, name: str) -> PromptSet:
     return PromptSet(items, name=name)
 
 
-def parti_prompts(path: str = "PartiPrompts.tsv", categories: list[str] | None = None, challenges: list[str] | None = None) -> PromptSet:
+def parti_prompts(path: str = "PartiPrompts.tsv", categories: list[str] | None = None,
+                  challenges: list[str] | None = None) -> PromptSet:
     """PartiPrompts from ``path`` (default: the copy shipped with the package; see the module docstring)."""
     rows = read_table(path, "\t", "Prompt", "PartiPrompts")
     rows = keep(keep(rows, "Category", categories, "PartiPrompts"), "Challenge", challenges, "PartiPrompts")
@@ -67,3 +74,26 @@ def drawbench(path: str, categories: list[str] | None = None) -> PromptSet:
     """DrawBench from your CSV export of the sheet (see the module docstring)."""
     rows = keep(read_table(path, ",", "Prompts", "DrawBench"), "Category", categories, "DrawBench")
     return to_prompt_set(rows, "Prompts", "drawbench")
+
+
+def read_record(line: str, where: str) -> tuple[str, dict]:
+    """One line of evaluation_metadata.jsonl -> ``(prompt, metadata)``; UserError naming ``where`` if malformed."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where} is not JSON ({error.msg}): give GenEval's evaluation_metadata.jsonl") from None
+    if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and record.get("include")):
+        raise UserError(f"{where} has no prompt and include list: give GenEval's evaluation_metadata.jsonl")
+    return record["prompt"], record
+
+
+def geneval(path: str) -> PromptSet:
+    """The prompts of a GenEval ``evaluation_metadata.jsonl`` at ``path``, each with its line as metadata."""
+    file = Path(path).expanduser()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"prompts.path={path!r} cannot be read ({type(error).__name__}): give the path of GenEval's "
+                        "prompts/evaluation_metadata.jsonl") from None
+    items = [read_record(line, f"line {number} of {path}") for number, line in enumerate(lines, 1) if line.strip()]
+    return PromptSet(items, name=file.stem)

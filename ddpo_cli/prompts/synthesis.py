@@ -1,9 +1,8 @@
 """Prompt sets written by a language model (``prompts=llm``): ask, parse, filter, de-duplicate, cache.
 
-An LLM (in-process ``transformers``, or an OpenAI-compatible server through the VLM rewards' client) is asked for
+An LLM (in-process ``transformers``, or an OpenAI-compatible server through :mod:`ddpo_cli.clients`) is asked for
 text-to-image prompts on a topic, optionally of a template with named slots (``"{number} {things}"``). Each reply is
-read one prompt per line (numbering, bullets and quotes stripped), filtered by the user's rules, and de-duplicated:
-exactly (case and whitespace) and by meaning (cosine similarity of mean-pooled sentence embeddings above a threshold).
+read one prompt per line, filtered by the user's rules and de-duplicated (:mod:`.filters`).
 Rounds of requests go on until ``num_prompts`` survive (or ``max_rounds`` is reached: a one-line UserError).
 
 Generation needs the run folder, which does not exist yet when the preflight builds the prompt set: the preflight
@@ -11,185 +10,35 @@ gets an empty :class:`LLMPromptSet` (no model loaded, no request sent); ``ddpo t
 :meth:`LLMPromptSet.prepare` with ``<run>/prompts.json`` once the folder is known, which generates and writes the
 file, or reads it back (resume, other processes) and never regenerates. ``ddpo sample`` / ``ddpo eval`` call
 :meth:`LLMPromptSet.load`, which only reads. The file holds the prompts, their metadata, the settings that made them
-and a hash of those settings; a resumed run whose config no longer matches that hash stops with a UserError.
+and a hash of those settings (:mod:`.run_files`); a resumed run whose config no longer matches that hash stops with
+a UserError.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import re
 import time
 import urllib.parse
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import transformers
 
-from .errors import UserError, brief, loading
-from .prompts import PromptSet, number_value, singular
-from .rewards.vlm import ServerVLM, _dtype_kwarg
-from .runtime import WEIGHT_DTYPES, derive_seed, resolve_precision
+from ..clients.openai_compatible import ChatClient
+from ..errors import UserError, loading
+from ..runtime import WEIGHT_DTYPES, derive_seed, resolve_precision, transformers_dtype
+from .filters import Deduplicator, Embedder, Rules, Template, parse_lines
+from .run_files import FILE_FORMAT, read_prompts_file, write_prompts_file
+from .sets import PromptSet
 
-FILE_FORMAT = 1
 DEFAULT_INSTRUCTION = ("You write prompts for a text-to-image model: short, concrete, visual descriptions of a "
                        "single scene.")
 DEFAULT_DIVERSITY = "Make them varied: different subjects, settings and compositions; no two alike."
 NOT_HASHED = ("server_url", "timeout", "max_retries", "cache")  # how to reach the LLM, not what it is asked
-LEADER = re.compile(r"^\s*(?:[-*+•]+|\(?\d+\s*[.):\]]|#\d+:?|prompt\s*\d*\s*:)\s*", re.IGNORECASE)
-QUOTES = "\"'`“”‘’*"
-SLOT = re.compile(r"\{(\w+)\}")
 
 
-# ----------------------------------------------------------------------------------------------- reading replies
-def parse_lines(reply: str) -> list[str]:
-    """The prompts of an LLM reply, one per line: leading numbering (``1.``, ``2)``, ``(3)``, ``#4``, ``Prompt 5:``),
-    bullets and surrounding quotes or ``**`` stripped; empty lines and headings (ending in ``:``) dropped."""
-    prompts = []
-    for line in reply.splitlines():
-        text = LEADER.sub("", line.strip()).strip().strip(QUOTES).strip()
-        if text and not text.endswith(":"):
-            prompts.append(text)
-    return prompts
-
-
-def normalise(prompt: str) -> str:
-    """The key of exact de-duplication: lower case, single spaces, no final ``.``/``!``."""
-    return " ".join(prompt.lower().split()).rstrip(".!")
-
-
-def slot_value(text: str) -> int | str:
-    """A slot's value: digits or a number word (``zero`` .. ``twelve``) become an int, anything else stays text."""
-    value = number_value(text)
-    return text if value is None else value
-
-
-class Template:
-    """A prompt pattern with named slots, ``"{number} {things}"``: parses prompts into slot values and fills slots.
-
-    Metadata of a parsed prompt is ``{slot: value}`` (numbers as ints); with slots ``number`` and ``things`` it also
-    gets ``noun`` (the singular), the keys of the counting reward."""
-
-    def __init__(self, text: str) -> None:
-        self.text, self.slots = text, SLOT.findall(text)
-        if not self.slots or len(set(self.slots)) != len(self.slots):
-            raise UserError(f"prompts.template={text!r}: name each slot once in braces, e.g. '{{number}} {{things}}'")
-        parts = re.split(r"\{\w+\}", text)
-        pattern = re.escape(parts[0]) + "".join(f"(?P<{slot}>.+?)" + re.escape(literal)
-                                                for slot, literal in zip(self.slots, parts[1:]))
-        self.pattern = re.compile(pattern, re.IGNORECASE)
-
-    def parse(self, prompt: str) -> dict | None:
-        """``{slot: value}`` of a prompt of this form; None when it does not have the form."""
-        match = self.pattern.fullmatch(prompt.strip().rstrip(".!"))
-        if match is None:
-            return None
-        values = {slot: slot_value(match.group(slot).strip()) for slot in self.slots}
-        if isinstance(values.get("number"), int) and isinstance(values.get("things"), str) and "noun" not in values:
-            values["noun"] = singular(values["things"].lower())
-        return values
-
-    def fill(self, line: str) -> str | None:
-        """The prompt of a reply line of slot values separated by ``|`` (None when the count is wrong)."""
-        values = [value.strip().strip(QUOTES).strip() for value in line.split("|")]
-        if len(values) != len(self.slots) or not all(values):
-            return None
-        return self.text.format(**dict(zip(self.slots, values)))
-
-
-# ----------------------------------------------------------------------------------------------- rules
-def has_word(text: str, word: str) -> bool:
-    """Whether ``word`` (or a phrase) occurs in ``text`` as whole words, ignoring case."""
-    return re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, re.IGNORECASE) is not None
-
-
-class Rules:
-    """The user's filters: word counts, required words (all or any), forbidden words, the template's form."""
-
-    def __init__(self, min_words: int = 1, max_words: int | None = None, required_words: list[str] = (),
-                 require: str = "all", forbidden_words: list[str] = (), template: Template | None = None) -> None:
-        self.min_words, self.max_words, self.template = min_words, max_words, template
-        self.required_words, self.require, self.forbidden_words = list(required_words), require, list(forbidden_words)
-
-    def rejects(self, prompt: str) -> str | None:
-        """Why ``prompt`` breaks a rule (``"too short"``, ...), or None when it passes them all."""
-        words = len(prompt.split())
-        if words < self.min_words:
-            return "too short"
-        if self.max_words is not None and words > self.max_words:
-            return "too long"
-        found = [has_word(prompt, word) for word in self.required_words]
-        if found and not (all(found) if self.require == "all" else any(found)):
-            return "missing a required word"
-        if any(has_word(prompt, word) for word in self.forbidden_words):
-            return "a forbidden word"
-        if self.template is not None and self.template.parse(prompt) is None:
-            return "not of the template"
-        return None
-
-
-# ----------------------------------------------------------------------------------------------- de-duplication
-class Embedder:
-    """Sentence embeddings from a ``transformers`` encoder (hub id or local folder): token states mean-pooled over
-    the attention mask, unit length; ``embedder(texts) -> [N, D]`` float32 on the CPU."""
-
-    def __init__(self, model: str, device: torch.device, batch_size: int = 64) -> None:
-        with loading(f"the embedding model {model!r}", "give a hub id or local folder of a transformers encoder as "
-                     "prompts.embedding_model, or turn near-duplicate removal off with "
-                     "prompts.near_duplicate_threshold=null"):
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-            self.model = transformers.AutoModel.from_pretrained(model).to(device).eval().requires_grad_(False)
-        self.device, self.batch_size = device, batch_size
-
-    @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                   max_length=128, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state.float()            # [b, L, D]
-            mask = batch["attention_mask"].unsqueeze(-1).float()              # [b, L, 1]
-            chunks.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).cpu())
-        return torch.cat(chunks)
-
-
-class Deduplicator:
-    """Remembers the prompts kept so far and drops a new one that equals one of them (after :func:`normalise`) or,
-    given ``embed`` and ``threshold``, whose embedding's cosine similarity to one of them exceeds ``threshold``."""
-
-    def __init__(self, threshold: float | None = None, embed=None) -> None:
-        self.threshold, self.embed = threshold, embed
-        self.seen: set[str] = set()
-        self.kept: torch.Tensor | None = None  # [K, D] unit embeddings of the prompts kept
-
-    def keep(self, prompts: list[str]) -> tuple[list[str], Counter]:
-        """The prompts to keep, in order, and the count of each reason to drop one."""
-        dropped, fresh = Counter(), []
-        for prompt in prompts:
-            key = normalise(prompt)
-            if key in self.seen:
-                dropped["duplicate"] += 1
-            else:
-                self.seen.add(key)
-                fresh.append(prompt)
-        if self.threshold is None or not fresh:
-            return fresh, dropped
-        kept = []
-        for prompt, vector in zip(fresh, self.embed(fresh)):
-            if self.kept is not None and float((self.kept @ vector).max()) > self.threshold:
-                dropped["near duplicate"] += 1
-                continue
-            self.kept = vector[None] if self.kept is None else torch.cat([self.kept, vector[None]])
-            kept.append(prompt)
-        return kept, dropped
-
-
-# ----------------------------------------------------------------------------------------------- language models
 class TransformersLM:
     """A causal LM by hub id or local folder (``AutoTokenizer`` + ``AutoModelForCausalLM``). The request is the
     tokenizer's chat template (system + user turn) if it has one, else plain text; each reply is sampled after
@@ -203,7 +52,7 @@ class TransformersLM:
                      "once) or a local folder saved with save_pretrained, or use prompts.backend=server"):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_id)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_id,
-                                                                          **_dtype_kwarg(transformers, dtype))
+                                                                          **transformers_dtype(dtype))
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device = device
 
@@ -233,86 +82,33 @@ class TransformersLM:
         return replies
 
 
-class ServerLM(ServerVLM):
-    """An OpenAI-compatible ``/chat/completions`` server asked for text only, through the VLM rewards' client (its
-    timeout, retries with backoff, refused redirects, API key only over https or to this machine); each request
-    carries its ``seed`` (vLLM and OpenAI honour it)."""
-
-    label = "prompts=llm: prompt LLM server"
-    url_setting = "prompts.server_url"
+class ServerLM:
+    """An OpenAI-compatible ``/chat/completions`` server asked for text only
+    (:class:`~ddpo_cli.clients.openai_compatible.ChatClient`: timeout, retries with backoff, refused redirects, API
+    key only over https or to this machine); each request carries its ``seed`` (vLLM and OpenAI honour it)."""
 
     def __init__(self, url: str, model: str, max_new_tokens: int = 1024, temperature: float = 1.0,
                  top_p: float = 0.95, timeout: float = 120.0, max_retries: int = 3, concurrency: int = 8) -> None:
-        super().__init__(url, model, max_new_tokens=max_new_tokens, timeout=timeout, max_retries=max_retries,
-                         concurrency=concurrency)
-        self.temperature, self.top_p = temperature, top_p
+        self.client = ChatClient(url, model, "prompts=llm: prompt LLM server", "prompts.server_url", timeout,
+                                 max_retries, concurrency=concurrency)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
 
-    def chat_payload(self, system: str, user: str, seed: int) -> dict:
-        return {"model": self.model, "messages": [{"role": "system", "content": system},
-                                                  {"role": "user", "content": user}],
-                "max_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
+    def load(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Nothing to load: the server holds the model."""
 
     def complete(self, system: str, user: str, seeds: list[int]) -> list[str]:
-        """One reply per seed, in order; at most ``concurrency`` requests in flight."""
-        bodies = [json.dumps(self.chat_payload(system, user, seed)).encode("utf-8") for seed in seeds]
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-            return list(pool.map(self._answer_with_retries, bodies))
+        """One reply per seed, in order."""
+        return self.client.complete_all([
+            {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+             "max_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
+            for seed in seeds])
 
 
-# ----------------------------------------------------------------------------------------------- the cache file
-def read_prompts_file(path: Path) -> dict:
-    """The content of a prompts file written by :func:`write_prompts_file`. UserError if missing or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"prompts file {path} not found: prompts=llm sets are made by ddpo train; give run=<a run "
-                        f"trained with prompts=llm> or prompts.cache=<its prompts.json>") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"prompts file {path} cannot be read ({brief(error, 120)}): restore it from a copy, or "
-                        f"start a new run to generate a new one") from None
-    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or not data.get("prompts"):
-        raise UserError(f"prompts file {path} is not a prompts=llm file (format {FILE_FORMAT} with prompts): give "
-                        f"the prompts.json of a run trained with prompts=llm")
-    problem = schema_problem(data)
-    if problem:
-        raise UserError(f"prompts file {path} is damaged or from another version ({problem}): restore it from a "
-                        f"copy, or start a new run to generate a new one")
-    return data
-
-
-def schema_problem(data: dict) -> str | None:
-    """What in a prompts file breaks its schema (``prompts``: a list of ``{"prompt": text, "metadata": {...}}``;
-    ``settings``: a mapping), or None."""
-    if not isinstance(data["prompts"], list):
-        return f"'prompts' is a {type(data['prompts']).__name__}, not a list"
-    for i, row in enumerate(data["prompts"]):
-        if not isinstance(row, dict):
-            return f"prompts[{i}] is a {type(row).__name__}, not {{prompt, metadata}}"
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            return f"prompts[{i}].prompt is {'missing' if 'prompt' not in row else repr(row['prompt'])}, not text"
-        if not isinstance(row.get("metadata"), dict):
-            return f"prompts[{i}].metadata is {'missing' if 'metadata' not in row else repr(row['metadata'])}, " \
-                   f"not a mapping"
-    if not isinstance(data.get("settings", {}), dict):
-        return f"'settings' is a {type(data['settings']).__name__}, not a mapping"
-    return None
-
-
-def write_prompts_file(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON, atomically (a crash leaves the old file or none, never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
-
-
-# ----------------------------------------------------------------------------------------------- the prompt set
-class LLMPromptSet:
+class LLMPromptSet(PromptSet):
     """``prompts=llm``: a prompt set generated by a language model once per run (see the module docstring).
 
     Built empty and cheaply (the preflight checks the settings only); usable after :meth:`prepare` (training) or
-    :meth:`load` (sampling, evaluation), then it is the finite list ``items`` of ``(prompt, metadata)`` pairs."""
+    :meth:`load` (sampling, evaluation), then it is a :class:`PromptSet` of the file's ``items``."""
 
     name = "llm"
 
@@ -346,19 +142,6 @@ class LLMPromptSet:
     @property
     def items(self) -> list[tuple[str, dict]]:
         return self.ready().items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def prompts(self) -> list[str]:
-        return [prompt for prompt, _ in self.items]
-
-    def sample(self, n: int, rng: random.Random) -> list[tuple[str, dict]]:
-        return self.ready().sample(n, rng)
-
-    def draw(self, n: int, rng: random.Random, group: int = 1) -> tuple[list[str], list[dict]]:
-        return self.ready().draw(n, rng, group)
 
     # ----------------------------------------------------------------------------------------- the run's file
     def settings_hash(self) -> str:

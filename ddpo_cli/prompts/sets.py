@@ -1,12 +1,6 @@
-"""Prompt sets: each is a finite list of ``(prompt, metadata)`` pairs; training draws from it uniformly.
+"""The prompt sets of word lists and files: each a finite list of ``(prompt, metadata)`` pairs, drawn uniformly.
 
-Word lists live in ``ddpo_cli/assets``. Every set is built by a function named in ``conf/prompts/*.yaml``
-(``_target_``) and returns a :class:`PromptSet`.
-
-A set made at run time (``prompts=llm``, :mod:`ddpo_cli.prompt_synthesis`) is built empty in the preflight, before
-the run folder exists, and has two more methods: ``prepare(path, device, resuming)`` (``ddpo train``, once the run
-folder is known: generate the set into ``<run>/prompts.json`` (PROMPTS_FILE), or read it back) and ``load(path)``
-(``ddpo sample`` / ``ddpo eval``: read a run's file, never generate).
+Word lists live in ``ddpo_cli/assets``; every set is built by a function named in ``conf/prompts/*.yaml``.
 """
 from __future__ import annotations
 
@@ -14,15 +8,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from .words import NUMBER_WORDS, article, plural
 
-ASSETS = Path(__file__).parent / "assets"
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve"]
-IRREGULAR_PLURALS = {"mouse": "mice", "goose": "geese", "sheep": "sheep", "deer": "deer", "fish": "fish",
-                     "wolf": "wolves", "person": "people", "ox": "oxen", "moose": "moose", "bison": "bison"}
-PROMPTS_FILE = "prompts.json"                  # a run's generated training prompt set (prompts=llm)
-HELDOUT_PROMPTS_FILE = "prompts_heldout.json"  # a run's generated log.paired.heldout set
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 @dataclass
@@ -69,45 +58,6 @@ def read_lines(path: str | Path) -> list[str]:
     except OSError as exc:
         raise UserError(f"prompt file '{path}' cannot be read ({exc.strerror})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def number_value(word: str) -> int | None:
-    """``"3"`` / ``"three"`` (any case) -> 3: digits, or a word of :data:`NUMBER_WORDS` (zero to twelve); else None."""
-    lowered = word.lower()
-    if lowered.isdigit():
-        return int(lowered)
-    return NUMBER_WORDS.index(lowered) if lowered in NUMBER_WORDS else None
-
-
-def article(word: str) -> str:
-    """'a' or 'an' for ``word`` by its first letter (enough for our word lists)."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
-def plural(noun: str) -> str:
-    """English plural of a simple noun (irregulars listed; -y, -s/-x/-ch/-sh endings handled)."""
-    if noun in IRREGULAR_PLURALS:
-        return IRREGULAR_PLURALS[noun]
-    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
-        return noun[:-1] + "ies"
-    if noun.endswith(("s", "x", "z", "ch", "sh")):
-        return noun + "es"
-    return noun + "s"
-
-
-def singular(things: str) -> str:
-    """The inverse of :func:`plural` for the nouns it makes ("cats" -> "cat", "boxes" -> "box", "mice" -> "mouse");
-    a word that does not look plural is returned as it is."""
-    irregular = {many: one for one, many in IRREGULAR_PLURALS.items()}
-    if things in irregular:
-        return irregular[things]
-    if things.endswith("ies") and len(things) > 3:
-        return things[:-3] + "y"
-    if things.endswith(("sses", "xes", "zes", "ches", "shes")):
-        return things[:-2]
-    if things.endswith("s") and not things.endswith("ss"):
-        return things[:-1]
-    return things
 
 
 def simple_animals(file: str = "simple_animals.txt") -> PromptSet:

@@ -1,0 +1,1 @@
+"""Clients of servers the tool talks to (OpenAI-compatible chat completions: VLM rewards and prompt synthesis)."""
