@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import compose, conf_dir, config_error_line, plan_run
+from .config import compose, conf_dir, plan_run
+from .config.checks import validate_eval, validate_sample
+from .config.compose import config_error_line, prepare_args
 from .errors import UserError
 from .runs import fresh_folder, holds_a_run, lock_run, run_dir_of
-from .sample_config import prepare_args, validate_eval, validate_sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="RL fine-tuning of text-to-image diffusion models (DDPO, RWR, DPOK, AlignProp).")

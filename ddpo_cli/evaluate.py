@@ -24,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from . import report
+from .config.compose import override_keys
+from .config.run_defaults import apply_run_defaults, extra_rewards, user_config_dir
 from .errors import UserError
 from .runs import epoch_of, resolve_checkpoints
 from .sample import ImageSampler, ImageSpec, build_prompts, build_reward, plan_images, score
-from .sample_config import apply_run_defaults, extra_rewards, override_keys, user_config_dir
+from .samplers import evaluation_sampler
 from .stats import fmt, mean_se, significant
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
@@ -263,15 +265,14 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-FLOW_SDES = ("flow_sde", "dance_sde", "flow_cps")
-
-
-def with_ode_for_flow_runs(cfg: DictConfig, chosen: list[str]) -> DictConfig:
-    """A flow run trained with an SDE is evaluated with the deterministic ODE (the model's own sampler at inference)
-    unless the sampler was chosen on the command line: the comparison then has no step noise at all."""
-    if cfg.sampler.name in FLOW_SDES and not {"sampler", "sampler.name"} & set(chosen):
+def with_evaluation_sampler(cfg: DictConfig, chosen: list[str]) -> DictConfig:
+    """A run is evaluated with the sampler its training sampler names for evaluation (a flow run trained with an SDE:
+    the deterministic ODE, the model's own sampler at inference, so the comparison has no step noise at all),
+    unless the sampler was chosen on the command line."""
+    name = evaluation_sampler(cfg.sampler.name)
+    if name != cfg.sampler.name and not {"sampler", "sampler.name"} & set(chosen):
         cfg = cfg.copy()
-        cfg.sampler.name = "flow_ode"
+        cfg.sampler.name = name
     return cfg
 
 
@@ -281,7 +282,7 @@ def eval_task(cfg: DictConfig) -> None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     cfg = apply_run_defaults(cfg, overrides, ("model", "sampler", "prompts", "reward"))
-    cfg = with_ode_for_flow_runs(cfg, override_keys(overrides))
+    cfg = with_evaluation_sampler(cfg, override_keys(overrides))
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml")
     summary = evaluate_run(cfg, out_dir, user_config_dir())

@@ -59,7 +59,7 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def resolve_precision(name: str, device: torch.device, key: str = "train.mixed_precision") -> str:
+def resolve_precision(name: str, device: torch.device, key: str = "precision") -> str:
     """``auto`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA, ``no`` (fp32) on CPU. An explicit choice
     the device cannot run is a UserError (fp16 on a CPU; bf16 on a CPU without bf16 units)."""
     if name not in PRECISIONS:

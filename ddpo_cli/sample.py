@@ -29,7 +29,7 @@ from .prompts.run_files import load_run_set
 from .rollout import images_from_seeds
 from .runs import resolve_checkpoint
 from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_libraries, resolve_precision, set_threads
-from .sample_config import apply_run_defaults
+from .config.run_defaults import apply_run_defaults
 from .samplers import build_sampler
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable

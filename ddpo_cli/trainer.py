@@ -58,7 +58,7 @@ class Trainer:
         quiet_libraries()
         resolve_model_path(cfg.model)  # a tiny model is built and saved before any process group exists
         device = pick_device(cfg.device)  # accelerate picks the GPU of each process
-        self.precision = resolve_precision(cfg.train.mixed_precision, device)
+        self.precision = resolve_precision(cfg.precision, device)
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
                                        project_dir=str(self.run_dir),
                                        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
@@ -383,7 +383,7 @@ class Trainer:
         return {key: out[key] for key in (*self.algo.needs, self.algo.targets)}
 
     def policy_step(self, denoiser, traj: Trajectory, cond, rows: torch.Tensor, cols: torch.Tensor) -> dict:
-        guidance = self.cfg.sampler.guidance_scale if self.cfg.train.cfg else 1.0
+        guidance = self.cfg.sampler.guidance_scale if self.cfg.train.guidance_in_training else 1.0
         return policy_step(self.model, self.sampler, denoiser, traj.latents[rows, cols], traj.next_latents[rows, cols],
                            traj.steps[rows, cols], cond, guidance)
 
@@ -409,7 +409,7 @@ class Trainer:
         fine-tuning: there is no base model without a second copy)."""
         if not self.cfg.model.use_lora:
             return None
-        guidance = self.cfg.sampler.guidance_scale if self.cfg.train.cfg else 1.0
+        guidance = self.cfg.sampler.guidance_scale if self.cfg.train.guidance_in_training else 1.0
         with self.accelerator.autocast():
             kl = kl_to_base(self.model, self.sampler, self.accelerator.unwrap_model(self.denoiser),
                             samples.trajectory, samples.prompts, guidance)

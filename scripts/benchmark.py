@@ -36,7 +36,7 @@ from ddpo_cli.trainer import Trainer  # noqa: E402
 
 WORKLOAD = ["sampler.num_steps=10", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
             "sampler.guidance_scale=5.0", "train.batch_size=2", "train.gradient_accumulation_steps=1",
-            "train.timestep_fraction=1.0", "train.cfg=true", "train.mixed_precision=no", "model.lora.rank=4",
+            "train.timestep_fraction=1.0", "train.guidance_in_training=true", "precision=no", "model.lora.rank=4",
             "model.lora.alpha=4", "advantage.mode=batch", "log.tracker=none", "log.image_every=1000",
             "checkpoint.every=1000", "checkpoint.keep_last=1"]
 

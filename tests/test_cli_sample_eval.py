@@ -98,7 +98,7 @@ def test_base_model_images_are_reproduced_with_the_same_seeds(samples, run, tmp_
     """lora_scale=0, checkpoint=none and no run at all draw the same base-model images; the LoRA changes them."""
     from ddpo_cli.config import compose
     from ddpo_cli.sample import sample_images
-    from ddpo_cli.sample_config import apply_run_defaults
+    from ddpo_cli.config.run_defaults import apply_run_defaults
 
     overrides = [f"run='{run}'", "checkpoint=none", *SMALL]
     sample_images(apply_run_defaults(compose("sample", overrides), overrides, ("model", "sampler", "prompts")),
@@ -120,7 +120,7 @@ def test_lora_scale_interpolates_the_weight_change_linearly(run):
 
     from ddpo_cli.config import compose
     from ddpo_cli.sample import ImageSampler
-    from ddpo_cli.sample_config import apply_run_defaults
+    from ddpo_cli.config.run_defaults import apply_run_defaults
 
     overrides = [f"run='{run}'", "threads=1"]
     cfg = apply_run_defaults(compose("sample", overrides), overrides, ("model", "sampler", "prompts"))

@@ -89,7 +89,7 @@ def test_composition_errors_are_one_line(override, message):
     ("train.timestep_window=[0.5,0.5]", "timestep_window"),
     ("train.timestep_window=[0,1.5]", "timestep_window"),
     ("train.timestep_window=[0.2]", "timestep_window"),
-    ("train.mixed_precision=fp8", "mixed_precision"),
+    ("precision=fp8", "precision"),
     ("algo=alignprop", "not differentiable"),
     ("algo=draft reward=clip_score algo.k=60", "algo.k=60"),
     ("algo=alignprop reward=clip_score algo.truncation=fixed", "keep_steps"),

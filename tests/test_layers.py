@@ -11,11 +11,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 LAYERS = [
     {"__main__", "cli"},
     {"sample", "evaluate", "sweep", "trainer"},
-    {"sample_config", "checkpoint", "probe", "rollout", "report", "guards"},
+    {"checkpoint", "probe", "rollout", "report", "guards"},
     {"config"},
     {"algorithms", "rewards", "prompts", "clients", "advantages",
      "toyworld"},
-    {"models", "samplers"},
+    {"models", "samplers", "noise"},
     {"runs", "runtime", "schedules", "stats", "images", "text_features"},
     {"errors"},
 ]

@@ -28,7 +28,7 @@ from ddpo_cli.errors import UserError  # noqa: E402
 from ddpo_cli.prompts.filters import Deduplicator, Embedder, Rules, Template, parse_lines  # noqa: E402
 from ddpo_cli.prompts.synthesis import LLMPromptSet, TransformersLM  # noqa: E402
 from ddpo_cli.sample import build_prompts  # noqa: E402
-from ddpo_cli.sample_config import apply_run_defaults  # noqa: E402
+from ddpo_cli.config.run_defaults import apply_run_defaults  # noqa: E402
 
 CPU = torch.device("cpu")
 ANIMALS = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "duck"]

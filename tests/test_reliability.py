@@ -342,7 +342,9 @@ BAD_VALUES = [
     (["sampler.eta=1.5"], "sampler.eta=1.5"),
     (["log.paired.every=-1"], "log.paired.every=-1"),
     (["log.paired.every=1", "log.paired.heldout=no_such_set"], "unknown prompts 'no_such_set'"),
-    (["train.cfg=false"], "train.cfg=false"),
+    (["train.guidance_in_training=false"], "train.guidance_in_training=false"),
+    (["train.cfg=false"], "train.cfg is now train.guidance_in_training"),   # renamed keys name their new name
+    (["train.mixed_precision=bf16"], "train.mixed_precision is now precision"),
     (["model.lora.dropout=0.1"], "model.lora.dropout=0.1"),
     (["model.lora.dropout=2"], "model.lora.dropout=2"),
     (["model.lora.rank=0"], "model.lora.rank=0"),
@@ -486,7 +488,7 @@ def test_the_guards_by_hand():
 def test_sample_and_eval_refuse_non_finite_values():
     from ddpo_cli.config import compose
     from ddpo_cli.errors import UserError
-    from ddpo_cli.sample_config import validate_sample
+    from ddpo_cli.config.checks import validate_sample
 
     for override, phrase in (("lora_scale=inf", "lora_scale=inf: must be a finite number"),
                              ("sampler.guidance_scale=nan", "sampler.guidance_scale=nan"),

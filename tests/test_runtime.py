@@ -59,7 +59,7 @@ def test_bf16_on_a_cpu_keeps_the_ratio_at_one(tmp_path, cache_dir):
     from conftest import read_metrics
 
     run = tmp_path / "bf16"
-    result = run_cli("train", "model=tiny", "train.mixed_precision=bf16", "sampler.num_steps=4", "sampler.batch_size=4",
+    result = run_cli("train", "model=tiny", "precision=bf16", "sampler.num_steps=4", "sampler.batch_size=4",
                      "sampler.num_batches_per_epoch=1", "train.batch_size=4", "train.timesteps_per_forward=1",
                      "advantage.mode=batch", "log.tracker=none", "train.num_epochs=1", "threads=2",
                      f"hydra.run.dir={run}")

@@ -24,7 +24,7 @@ A backprop algorithm's ``loss(rewards)`` takes the rewards of images generated w
 from __future__ import annotations
 
 from ..errors import UserError
-from ..samplers import stochastic_steps
+from ..samplers import names_for, stochastic_steps
 
 
 class Algorithm:
@@ -47,13 +47,14 @@ class Algorithm:
             raise UserError(f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)"
                             if s.name == "ddim" else
                             f"sampler={s.name} (noise_level={s.noise_level}) has no stochastic step, and the policy "
-                            f"needs noise: use flow_sde (Flow-GRPO), dance_sde or flow_cps with noise_level > 0")
+                            f"needs noise: use one of {', '.join(n for n in names_for('flow') if n != 'flow_ode')} "
+                            f"with noise_level > 0")
         if "log_prob" not in self.needs and "old_clean_estimate" not in self.needs:
             return
-        if not cfg.train.cfg and cfg.sampler.guidance_scale != 1:
-            raise UserError(f"train.cfg=false trains a policy without the guidance the samples were drawn with "
+        if not cfg.train.guidance_in_training and cfg.sampler.guidance_scale != 1:
+            raise UserError(f"train.guidance_in_training=false trains a policy without the guidance the samples were drawn with "
                             f"(sampler.guidance_scale={cfg.sampler.guidance_scale}), so its log-probs are not the "
-                            f"sampler's: keep train.cfg=true, or sample with sampler.guidance_scale=1")
+                            f"sampler's: keep train.guidance_in_training=true, or sample with sampler.guidance_scale=1")
         if cfg.model.use_lora and cfg.model.lora.dropout > 0:
             raise UserError(f"model.lora.dropout={cfg.model.lora.dropout}: dropout in training but not in sampling "
                             f"makes the recomputed log-probs differ from the sampled ones; use 0 with {self.name}")

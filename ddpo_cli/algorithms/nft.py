@@ -19,7 +19,7 @@ regression, training on the policy's own samples does not drift by itself.
 
 Here the pairs are the sampled chain's own steps (the stored latents of the trained window and the output recorded
 there, as in Flow-Factory's implementation); the paper noises the clean latents afresh. CFG: the output is the
-guided one, as sampled (``train.cfg=true``).
+guided one, as sampled (``train.guidance_in_training=true``).
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ times):
   window may slide over epochs: :class:`~ddpo_cli.samplers.window.SDEWindow`).
 
 Log-prob and KL of the Gaussian steps are shared maths in :mod:`ddpo_cli.samplers.gaussian`.
-Adding a sampler: one module here, one line in ``SAMPLERS``, one ``conf/sampler/<name>.yaml`` and a parity test.
+Each sampler class also declares ``check(sampler_cfg)`` (its own settings) and ``evaluated_with`` (the sampler
+``ddpo eval`` uses for its runs). Adding a sampler: one module here, one line in ``SAMPLERS``, one
+``conf/sampler/<name>.yaml`` and a parity test.
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ import torch
 
 from ..errors import UserError
 from .ddim import DDIMSampler
+from .flow import KINDS as FLOW_KINDS
 from .flow import FlowSampler
 from .window import SDEWindow
 
-SAMPLERS = {"ddim": DDIMSampler, "flow_ode": FlowSampler, "flow_sde": FlowSampler, "dance_sde": FlowSampler,
-            "flow_cps": FlowSampler}
+SAMPLERS = {"ddim": DDIMSampler, **{kind: FlowSampler for kind in FLOW_KINDS}}
 
 
 class Sampler(Protocol):
@@ -57,6 +59,27 @@ def check_sampler_name(name: str) -> None:
         raise UserError(f"sampler.name={name!r}: choose one of {', '.join(SAMPLERS)} (see `ddpo ls sampler`)")
 
 
+def names_for(model_kind: str) -> list[str]:
+    """The samplers that fit models of ``model_kind`` (``diffusion`` or ``flow``)."""
+    return [name for name, cls in SAMPLERS.items() if cls.model_kind == model_kind]
+
+
+def check_sampler(sampler_cfg, family=None) -> None:
+    """The sampler's own checks and, given the model family (class), that it fits the family's objective."""
+    check_sampler_name(sampler_cfg.name)
+    cls = SAMPLERS[sampler_cfg.name]
+    cls.check(sampler_cfg)
+    if family is not None and family.kind != cls.model_kind:
+        raise UserError(f"sampler={sampler_cfg.name} is for {cls.model_kind} models but model.family={family.family} "
+                        f"is a {family.kind} model: choose one of {', '.join(names_for(family.kind))}")
+
+
+def evaluation_sampler(name: str) -> str:
+    """The sampler ``ddpo eval`` uses for a run trained with sampler ``name`` (unless told otherwise)."""
+    check_sampler_name(name)
+    return SAMPLERS[name].evaluated_with or name
+
+
 def stochastic_steps(sampler_cfg, offset: int = 0) -> list[int]:
     """The steps a sampler config makes stochastic (policy steps with a log-prob) with its SDE window at ``offset``
     (0: where it starts), before any model is loaded."""
@@ -72,11 +95,7 @@ def window_positions(sampler_cfg) -> list[tuple[int, int]]:
 
 def build_sampler(sampler_cfg, model) -> Sampler:
     """The sampler of ``sampler_cfg`` on the noise schedule of ``model`` (a loaded model family)."""
-    check_sampler_name(sampler_cfg.name)
-    cls = SAMPLERS[sampler_cfg.name]
-    if cls.model_kind != model.kind:
-        raise UserError(f"sampler={sampler_cfg.name} is for {cls.model_kind} models but model.family="
-                        f"{model.family} is a {model.kind} model: choose a matching sampler")
-    sampler = cls.from_config(sampler_cfg, model)
+    check_sampler(sampler_cfg, type(model))
+    sampler = SAMPLERS[sampler_cfg.name].from_config(sampler_cfg, model)
     sampler.log_prob_form = sampler_cfg.log_prob
     return sampler

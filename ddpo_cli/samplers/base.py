@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .gaussian import step_log_prob
+from ..errors import UserError
+from .gaussian import LOG_PROB_FORMS, step_log_prob
 from .window import SDEWindow
 
 
@@ -13,6 +14,24 @@ class StochasticChain:
 
     window: SDEWindow
     log_prob_form: str = "exact"
+    evaluated_with: str | None = None   # the sampler ``ddpo eval`` uses for runs of this one (None: this one)
+
+    @classmethod
+    def check(cls, s) -> None:
+        """The settings every sampler shares (``s``: the sampler config). UserError naming the key."""
+        checks = [
+            (s.num_steps >= 1, f"sampler.num_steps={s.num_steps}: use at least 1"),
+            (s.guidance_scale >= 0, f"sampler.guidance_scale={s.guidance_scale}: use >= 0 (1 = no guidance; negative "
+                                    f"values push away from the prompt)"),
+            (s.sde_window is None or (len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps),
+             f"sampler.sde_window={s.sde_window}: use [first, end) step indices with 0 <= first < end <= "
+             f"sampler.num_steps={s.num_steps}, or null for every step"),
+            (s.sde_window_slide_every >= 0, f"sampler.sde_window_slide_every={s.sde_window_slide_every}: use >= 0"),
+            (s.log_prob in LOG_PROB_FORMS, f"sampler.log_prob={s.log_prob!r}: choose {' or '.join(LOG_PROB_FORMS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
     def set_epoch(self, epoch: int) -> None:
         """A sliding SDE window moves."""

@@ -13,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .gaussian import gaussian_log_prob
+from ..errors import UserError
 from .base import StochasticChain
 from .window import SDEWindow
 
@@ -122,6 +123,13 @@ class DDIMSampler(StochasticChain):
 
     name = "ddim"
     model_kind = "diffusion"
+
+    @classmethod
+    def check(cls, sampler_cfg) -> None:
+        super().check(sampler_cfg)
+        if not 0 <= sampler_cfg.eta <= 1:
+            raise UserError(f"sampler.eta={sampler_cfg.eta}: DDIM's eta is in [0, 1] (1 = DDPM-like noise, 0 = "
+                            f"deterministic)")
 
     def __init__(self, scheduler_config: dict, num_steps: int, eta: float, device: torch.device | str = "cpu",
                  sde_window: tuple[int, int] | None = None, slide_every: int = 0) -> None:

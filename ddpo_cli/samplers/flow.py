@@ -25,10 +25,11 @@ import math
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from ..errors import UserError
 from .base import StochasticChain
 from .window import SDEWindow
 
-KINDS = ("flow_ode", "flow_sde", "dance_sde", "flow_cps")
+KINDS = {"flow_ode": "Euler ODE", "flow_sde": "Flow-GRPO", "dance_sde": "DanceGRPO", "flow_cps": "Flow-CPS"}
 
 
 def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,14 @@ class FlowSampler(StochasticChain):
     epochs (from the noisiest steps on, wrapping around; :meth:`set_epoch`)."""
 
     model_kind = "flow"
+    evaluated_with = "flow_ode"  # a flow model's own sampler at inference: ddpo eval compares without step noise
+
+    @classmethod
+    def check(cls, sampler_cfg) -> None:
+        super().check(sampler_cfg)
+        level = sampler_cfg.noise_level
+        if level < 0 or (sampler_cfg.name == "flow_cps" and level > 1):
+            raise UserError(f"sampler.noise_level={level}: use >= 0 (flow_cps: at most 1)")
 
     def __init__(self, sigmas: torch.Tensor, kind: str = "flow_sde", noise_level: float = 0.7,
                  sde_window: tuple[int, int] | None = None, slide_every: int = 0, num_train_timesteps: int = 1000,
