@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from . import report
+from .report import console
 from .config.compose import override_keys
 from .config.run_defaults import apply_run_defaults, extra_rewards, user_config_dir
 from .errors import UserError
@@ -32,7 +32,6 @@ from .sample import ImageSampler, ImageSpec, build_prompts, build_reward, plan_i
 from .samplers import evaluation_sampler
 from .stats import fmt, mean_se, significant
 
-console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
 
 
 @dataclass

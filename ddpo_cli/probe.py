@@ -13,13 +13,19 @@ different stochastic steps, and the measure would report the change of sampler a
 from __future__ import annotations
 
 import random
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .errors import UserError
+from .models import adapters_disabled
+from .report import warn
 from .rollout import images_from_seeds
 from .runtime import derive_seed
+from .samplers import build_sampler
 from .stats import mean_se
 
 
@@ -106,3 +112,65 @@ def paired_gain(policy: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> d
         out[key] = {"base": float(np.nanmean(base[key])), "policy": float(np.nanmean(policy[key])),
                     "gain": gain["mean"], "gain_se": gain["se"]}
     return out
+
+
+class PairedMeasure:
+    """``log.paired`` during a run: the probes of the trained prompts (and of ``log.paired.heldout``), the base
+    model's scores on them (taken once, at the start), and the policy's paired gain every ``every`` epochs and at
+    the last. ``autocast`` is the precision context the images are drawn in."""
+
+    def __init__(self, probes: list[Probe], model, sampler, reward_fn, guidance: float, batch_size: int, device,
+                 autocast, every: int, num_epochs: int) -> None:
+        self.probes, self.model, self.sampler, self.reward_fn = probes, model, sampler, reward_fn
+        self.guidance, self.batch_size, self.device, self.autocast = guidance, batch_size, device, autocast
+        self.every, self.num_epochs = every, num_epochs
+        self.base: dict[str, dict[str, np.ndarray]] = {}
+
+    def scores(self, denoiser, probe: Probe) -> dict[str, np.ndarray]:
+        """``denoiser``'s per-image scores on ``probe`` (eval mode, fixed sampler and per-image noise)."""
+        was_training = denoiser.training
+        denoiser.eval()
+        with self.autocast():
+            images = probe_images(self.model, self.sampler, denoiser, probe, self.guidance, self.batch_size,
+                                  self.device)
+        denoiser.train(was_training)
+        return probe_scores(self.reward_fn, images, probe, self.batch_size)
+
+    def score_base(self, denoiser, use_lora: bool, metric: str) -> None:
+        """The base model's scores: with LoRA the adapter switched off, else the weights as they are (a fresh run).
+        UserError if the reward does not report ``metric``."""
+        with adapters_disabled(denoiser) if use_lora else nullcontext():
+            self.base = {probe.name: self.scores(denoiser, probe) for probe in self.probes}
+        keys = sorted(next(iter(self.base.values())))
+        if metric not in keys:
+            raise UserError(f"log.paired.metric={metric!r}: reward {self.reward_fn.name} reports {', '.join(keys)}; "
+                            f"choose one of them")
+
+    def row(self, epoch: int, denoiser) -> dict:
+        """``{"paired": {set: {key: base, policy, gain, gain_se}}, "paired_seconds"}`` on the epochs of ``every`` and
+        the last epoch; empty otherwise."""
+        if not ((epoch + 1) % self.every == 0 or epoch == self.num_epochs - 1):
+            return {}
+        start = time.perf_counter()
+        paired = {p.name: paired_gain(self.scores(denoiser, p), self.base[p.name]) for p in self.probes}
+        return {"paired": paired, "paired_seconds": time.perf_counter() - start}
+
+
+def start_paired_measure(cfg, prompt_set, heldout, model, reward_fn, denoiser, device, autocast,
+                         resumed: bool) -> PairedMeasure | None:
+    """The run's :class:`PairedMeasure` with the base scored, or None when ``log.paired.every`` is 0 (and for a
+    resumed full fine-tuning run, whose base weights are gone: a warning says so)."""
+    paired = cfg.log.paired
+    if not paired.every:
+        return None
+    if not cfg.model.use_lora and resumed:
+        warn("log.paired is off for this resumed full fine-tuning run: the base weights are gone (LoRA runs keep "
+             "them)")
+        return None
+    sets = [("trained", prompt_set)] + ([("held-out", heldout)] if heldout is not None else [])
+    measure = PairedMeasure([plan_probe(name, prompts, paired.images, cfg.seed) for name, prompts in sets], model,
+                            build_sampler(fixed_sampler_config(cfg.sampler), model), reward_fn,
+                            cfg.sampler.guidance_scale, cfg.sampler.batch_size, device, autocast, paired.every,
+                            cfg.train.num_epochs)
+    measure.score_base(denoiser, cfg.model.use_lora, paired.metric)
+    return measure

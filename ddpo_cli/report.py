@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -16,6 +17,12 @@ from rich.table import Table
 from .images import to_uint8_hwc
 
 METRICS_FILE = "metrics.jsonl"
+console = Console(stderr=True, soft_wrap=True)  # the commands' messages; long lines (paths) stay greppable
+
+
+def warn(message: str) -> None:
+    """``warning: <message>`` on the console, verbatim (no rich markup)."""
+    console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

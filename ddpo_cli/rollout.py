@@ -8,15 +8,14 @@ autograd graph of chosen steps (reward backprop), and gradient-checkpoints the k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Callable
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .models import Conditioning, ModelFamily
+from .models import Conditioning, ModelFamily, adapters_disabled
+from .noise import NoiseSource, per_image_noise
 from .samplers import Sampler
-from .models import adapters_disabled
 from .samplers.gaussian import gaussian_kl
 
 
@@ -42,64 +41,10 @@ class Trajectory:
         return Trajectory(*(joined(f.name) for f in fields(Trajectory)))
 
 
-@dataclass
-class EpochSamples:
-    """Everything one epoch sampled and scored on one process (B = samples per process)."""
-
-    trajectory: Trajectory | None  # tensors [B, T, ...]; None for reward backprop
-    prompts: list[str]
-    metadata: list[dict]
-    rewards: torch.Tensor        # [B]
-    images: torch.Tensor         # [n, 3, H, W] the first few images (for the grid), CPU
-    info: dict = field(default_factory=dict)
-
-
-NoiseSource = Callable[[int], torch.Tensor]  # the standard normal draw [B, C, h, w] (fp32) for step i, in order
-
-
-def generator_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> NoiseSource:
-    """Draws of one generator (training: one generator per epoch and process)."""
-    return lambda step=None: torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-
-
-def per_image_noise(shape: tuple[int, ...], generators: list[torch.Generator], device) -> NoiseSource:
-    """Draws of one CPU generator per image, so an image does not depend on its batch (``ddpo sample`` / eval)."""
-    return lambda step=None: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-
-
-def branched_noise(shape: tuple[int, ...], group_size: int, branch: torch.Tensor, generator: torch.Generator | None,
-                   device) -> NoiseSource:
-    """Trajectory branching: image ``b`` (of group ``b // group_size``) gets its own draw at step ``branch[b]`` and
-    its group's shared draw at every other step. Both draws are made at every step (the stream does not depend on
-    ``branch``)."""
-    groups = shape[0] // group_size
-
-    def draw(step: int) -> torch.Tensor:
-        shared = torch.randn((groups, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
-        own = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        mine = (branch == step).reshape(-1, *([1] * (len(shape) - 1)))
-        return torch.where(mine, own, shared.repeat_interleave(group_size, dim=0))
-
-    return draw
-
-
-def mirrored_noise(shape: tuple[int, ...], mirrored_steps: torch.Tensor, generator: torch.Generator | None,
-                   device) -> NoiseSource:
-    """Antithetic (mirrored) pairs: images ``2j`` and ``2j+1`` share every draw, except that at ``mirrored_steps``
-    (the trained steps) image ``2j+1`` gets the negative of image ``2j``'s draw. Each image is still an ordinary
-    policy sample; a pair's rewards differ only through the trained steps' noise. At a step where the pair's states
-    agree (the first trained step, after a shared initial noise) its two score-function terms add to
-    ``(A(+eps) - A(-eps)) d log pi(+eps)``: the baseline cancels. At later trained steps it does not, so the
-    baseline must not hold the partner's reward (:func:`ddpo_cli.advantages.group_advantages`, ``mirrored_pairs``)."""
-    pairs = shape[0] // 2
-    mirrored = {int(i) for i in mirrored_steps}
-
-    def draw(step: int) -> torch.Tensor:
-        first = torch.randn((pairs, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
-        second = -first if step in mirrored else first
-        return torch.stack([first, second], dim=1).reshape(shape)
-
-    return draw
+def trained_steps(sampler: Sampler, window: tuple[int, int]) -> torch.Tensor:
+    """The stochastic steps inside the training window ``[first, end)`` this epoch (an SDE window may slide)."""
+    first, end = window
+    return torch.tensor([i for i in range(first, end) if sampler.is_stochastic(i)])
 
 
 @torch.no_grad()
@@ -180,6 +125,18 @@ def output_drift(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.
     with torch.no_grad(), adapters_disabled(denoiser):
         base = model.predict(denoiser, latents, t, cond, model.negative, guidance)
     return ((policy.float() - base.float()) ** 2).mean(dim=tuple(range(1, latents.ndim)))
+
+
+def preservation_drift(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory, rows: torch.Tensor,
+                       cols: torch.Tensor, prompts: list[str], pairs: int, guidance: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Prior preservation (``train.preserve``): the mean :func:`output_drift` at ``pairs`` of the update's stored
+    states ``(rows, cols)``, each under a prompt drawn from the preserved ``prompts``."""
+    picked = torch.randint(rows.numel(), (pairs,), generator=generator)
+    chosen = [prompts[i] for i in torch.randint(len(prompts), (pairs,), generator=generator).tolist()]
+    r, c = rows[picked], cols[picked]
+    return output_drift(model, sampler, denoiser, traj.latents[r, c], traj.steps[r, c], model.encode(chosen),
+                        guidance).mean()
 
 
 def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.Tensor,

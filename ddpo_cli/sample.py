@@ -18,9 +18,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from rich.console import Console
 
 from . import checkpoint, report
+from .report import console
 from .config import build
 from .images import to_uint8_hwc
 from .models import load_model, set_lora_scale
@@ -32,7 +32,6 @@ from .runtime import WEIGHT_DTYPES, autocast, derive_seed, pick_device, quiet_li
 from .config.run_defaults import apply_run_defaults
 from .samplers import build_sampler
 
-console = Console(stderr=True, soft_wrap=True)  # long lines (paths) stay greppable
 
 
 # ----------------------------------------------------------------------------------------------- what to draw

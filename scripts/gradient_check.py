@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddpo_cli.config import compose  # noqa: E402
-from ddpo_cli.rollout import generator_noise, run_chain  # noqa: E402
+from ddpo_cli.noise import generator_noise  # noqa: E402
+from ddpo_cli.rollout import run_chain  # noqa: E402
 from ddpo_cli.trainer import Trainer  # noqa: E402
 
 PROMPTS = ["one red circle", "two green squares", "three blue triangles", "four yellow circles"]

@@ -13,7 +13,7 @@ Every ``--save-every`` steps the EMA pipeline is saved to ``--out`` (atomically)
 (DDIM, eta 1, 20 steps, guidance 5) and a resumable checkpoint is written to ``--work``. Re-running the same
 command resumes from the last checkpoint; each step's batch and noise depend only on (seed, step).
 
-    python scripts/train_tiny_shapes.py                       # full run (see ddpo_cli/toyworld/README.md for time)
+    python scripts/train_tiny_shapes.py                       # full run (see docs/toyworld.md for time)
     python scripts/train_tiny_shapes.py --vae-steps 50 --unet-steps 50 --out /tmp/tiny --work /tmp/tiny_work
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ unet = trainer.accelerator.unwrap_model(trainer.denoiser)
 rank = trainer.accelerator.process_index
 weights = trainer.model.lora_state_dict(unet)
 save_file({k: v.detach().contiguous() for k, v in weights.items()}, run_dir / f"rank{rank}_lora.safetensors")
-samples, _ = trainer.sample_epoch(0)  # what this rank sampled in epoch 0 (randomness is a function of seed, epoch, rank)
+samples, _ = trainer.sample(0)  # what this rank sampled in epoch 0 (randomness is a function of seed, epoch, rank)
 save_file({"initial_noise": samples.trajectory.latents[:, 0].contiguous()}, run_dir / f"rank{rank}_epoch0.safetensors")
 trainer.accelerator.wait_for_everyone()
 trainer.cleanup()

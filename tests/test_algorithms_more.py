@@ -127,14 +127,14 @@ def perturb_lora(trainer, scale=0.05):
 
 def test_dpok_kl_is_zero_at_init_and_has_gradient_after_a_change(make_trainer):
     trainer = make_trainer("algo=dpok", "algo.kl_beta=1.0")
-    samples, _ = trainer.sample_epoch(0)
+    samples, _ = trainer.sample(0)
     rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
     targets = torch.zeros(2)  # zero advantages: the loss is the KL term alone
-    loss, metrics = trainer.pair_loss(samples, targets, rows, cols)
-    assert metrics["kl_penalty"].item() == 0.0 and trainer.kl_to_base(samples) == 0.0
+    loss, metrics = trainer.algo.loss(**trainer.pair_tensors(samples, targets, rows, cols))
+    assert metrics["kl_penalty"].item() == 0.0 and trainer.kl_reading(samples) == 0.0
     perturb_lora(trainer)
-    loss, metrics = trainer.pair_loss(samples, targets, rows, cols)
-    assert metrics["kl_penalty"].item() > 0 and trainer.kl_to_base(samples) > 0
+    loss, metrics = trainer.algo.loss(**trainer.pair_tensors(samples, targets, rows, cols))
+    assert metrics["kl_penalty"].item() > 0 and trainer.kl_reading(samples) > 0
     loss.backward()
     lora, frozen = lora_and_frozen_grads(trainer)
     assert sum(g.abs().sum() for g in lora if g is not None) > 0
@@ -143,8 +143,9 @@ def test_dpok_kl_is_zero_at_init_and_has_gradient_after_a_change(make_trainer):
 
 def test_rwr_gradients_reach_lora_only(make_trainer):
     trainer = make_trainer("algo=rwr")
-    samples, _ = trainer.sample_epoch(0)
-    loss, _ = trainer.pair_loss(samples, torch.ones(2), torch.tensor([0, 1]), torch.tensor([0, 0]))
+    samples, _ = trainer.sample(0)
+    loss, _ = trainer.algo.loss(**trainer.pair_tensors(samples, torch.ones(2), torch.tensor([0, 1]),
+                                                       torch.tensor([0, 0])))
     loss.backward()
     lora, frozen = lora_and_frozen_grads(trainer)
     assert sum(g.abs().sum() for g in lora if g is not None) > 0 and all(g is None for g in frozen)
@@ -154,25 +155,26 @@ def test_rwr_gradients_reach_lora_only(make_trainer):
 def test_alignprop_gradients_reach_lora_only(make_trainer, truncation):
     trainer = make_trainer("algo=alignprop", "reward=custom", f"algo.truncation={truncation}", "train.lr=1e-2")
     before = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.denoiser).named_parameters()}
-    _, metrics, _ = trainer.backprop_epoch(0)
+    _, _, metrics, _ = trainer.backprop_epoch(0)
     after = dict(trainer.accelerator.unwrap_model(trainer.denoiser).named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed and all("lora" in n for n in changed)
     assert metrics["grad_norm"] > 0 and trainer.global_step == 1
 
 
-def test_timestep_window_trains_only_the_window(make_trainer):
+def test_timestep_window_trains_only_the_window(make_trainer, monkeypatch):
     # 4 steps, window [0, 0.5]: every trained (sample, step) pair is one of the first two denoising steps
+    import ddpo_cli.trainer
+
     trainer = make_trainer("sampler.num_steps=4", "train.timestep_window=[0,0.5]")
-    samples, _ = trainer.sample_epoch(0)
-    seen = []
-    original = trainer.policy_step
+    samples, _ = trainer.sample(0)
+    seen, original = [], ddpo_cli.trainer.policy_step
 
-    def recording(denoiser, traj, cond, rows, cols):
-        seen.extend(cols.tolist())
-        return original(denoiser, traj, cond, rows, cols)
+    def recording(model, sampler, denoiser, latents, next_latents, steps, cond, guidance):
+        seen.extend(int(i) for i in steps.tolist())
+        return original(model, sampler, denoiser, latents, next_latents, steps, cond, guidance)
 
-    trainer.policy_step = recording
+    monkeypatch.setattr(ddpo_cli.trainer, "policy_step", recording)
     trainer.update_epoch(0, samples, torch.ones(2))
     assert sorted(seen) == [0, 0, 1, 1]  # 2 samples x both window steps, nothing else
 

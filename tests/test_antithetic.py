@@ -9,7 +9,8 @@ import torch
 from ddpo_cli.advantages import group_advantages
 from ddpo_cli.config import compose, plan_run
 from ddpo_cli.errors import UserError
-from ddpo_cli.rollout import mirrored_noise, policy_step
+from ddpo_cli.noise import mirrored_noise
+from ddpo_cli.rollout import policy_step, trained_steps
 
 from test_algorithms_more import make_trainer  # noqa: F401 (fixture)
 
@@ -38,8 +39,8 @@ def test_antithetic_pairs_need_an_even_group():
 def test_a_pair_shares_its_untrained_steps_and_mirrors_its_trained_step_about_the_policy_mean(make_trainer):
     trainer = make_trainer("sampler.antithetic=true", "advantage.mode=group", "sampler.group_size=4",
                            "sampler.batch_size=4", "train.batch_size=4", "train.timestep_window=[0.3,0.7]")
-    assert trainer.trainable_steps().tolist() == [1]
-    samples, _ = trainer.sample_epoch(0)
+    assert trained_steps(trainer.sampler, trainer.counts.window).tolist() == [1]
+    samples, _ = trainer.sample(0)
     traj = samples.trajectory
     for a in (0, 2):
         b = a + 1

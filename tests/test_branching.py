@@ -7,7 +7,7 @@ import torch
 
 from ddpo_cli.config import compose, plan_run
 from ddpo_cli.errors import UserError
-from ddpo_cli.rollout import branched_noise
+from ddpo_cli.noise import branched_noise
 
 from test_algorithms_more import make_trainer  # noqa: F401 (fixture)
 
@@ -46,7 +46,7 @@ def test_branching_needs_group_advantages():
 def test_a_branched_group_differs_only_after_its_branch_step_and_trains_it(make_trainer):
     trainer = make_trainer("sampler.branch=true", "advantage.mode=group", "sampler.group_size=2",
                            "sampler.batch_size=4", "train.batch_size=4")
-    samples, _ = trainer.sample_epoch(0)
+    samples, _ = trainer.sample(0)
     traj = samples.trajectory
     assert traj.branch is not None and traj.branch.shape == (4,)
     assert torch.equal(traj.branch[0::2], traj.branch[1::2])            # one branch step per group

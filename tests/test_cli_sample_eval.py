@@ -151,7 +151,8 @@ def test_lora_scale_interpolates_the_weight_change_linearly(run):
 
 def test_batched_sampling_equals_the_training_sampler_image_by_image(run):
     from ddpo_cli.config import compose
-    from ddpo_cli.rollout import generator_noise, run_chain
+    from ddpo_cli.noise import generator_noise
+    from ddpo_cli.rollout import run_chain
     from ddpo_cli.sample import ImageSampler
 
     cfg = compose("sample", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2", "threads=1"])

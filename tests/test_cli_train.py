@@ -100,7 +100,8 @@ def test_saved_lora_loads_with_plain_diffusers_and_reproduces_images(full_run, t
     from ddpo_cli import checkpoint
     from ddpo_cli.models import load_model
     from ddpo_cli.models.sd import StableDiffusion
-    from ddpo_cli.rollout import generator_noise, run_chain
+    from ddpo_cli.noise import generator_noise
+    from ddpo_cli.rollout import run_chain
     from ddpo_cli.samplers.ddim import DDIMSampler
 
     ckpt = full_run / "checkpoints" / "epoch_0001"

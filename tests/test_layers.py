@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 LAYERS = [
     {"__main__", "cli"},
     {"sample", "evaluate", "sweep", "trainer"},
-    {"checkpoint", "probe", "rollout", "report", "guards"},
+    {"checkpoint", "probe", "rollout", "report", "guards", "books"},
     {"config"},
     {"algorithms", "rewards", "prompts", "clients", "advantages",
      "toyworld"},

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from ddpo_cli.config import compose
-from ddpo_cli.probe import plan_probe
+from ddpo_cli.probe import PairedMeasure, plan_probe
 from ddpo_cli.prompts import from_list
 from ddpo_cli.report import read_metrics
+from ddpo_cli.rollout import trained_steps
 from ddpo_cli.runtime import derive_seed
 from ddpo_cli.trainer import Trainer
 
@@ -36,7 +37,7 @@ def fixed_eval(trainer: Trainer, prompts: list[str], n_per_prompt: int) -> torch
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     generator = torch.Generator().manual_seed(derive_seed("fixed-eval"))
     with torch.no_grad():
-        _, images = trainer.sample_batch(prompts, generator)
+        _, images = trainer.sample_batch(prompts, generator, trained_steps(trainer.sampler, trainer.counts.window))
         rewards, _ = trainer.reward_fn(images, prompts, [{}] * len(prompts))
     return rewards.float()
 
@@ -45,7 +46,9 @@ def probe_eval(trainer: Trainer, prompts: list[str], n_per_prompt: int) -> torch
     """Per-image rewards of the current policy on fixed prompts and one fixed noise per image (ddpo_cli/probe.py:
     images independent of their batch and of the run's group size)."""
     probe = plan_probe("fixed-eval", from_list(prompts), n_per_prompt * len(prompts), seed=0)
-    return torch.from_numpy(trainer.probe_scores(probe)["reward"]).float()
+    scorer = PairedMeasure([probe], trainer.model, trainer.sampler, trainer.reward_fn, trainer.cfg.sampler.guidance_scale,
+                           trainer.cfg.sampler.batch_size, trainer.device, trainer.accelerator.autocast, 1, 1)
+    return torch.from_numpy(scorer.scores(trainer.unwrapped, probe)["reward"]).float()
 
 
 def train_and_measure(prompts: list[str], *overrides: str, n_per_prompt: int = 4, model: str = "tiny_shapes",

@@ -100,13 +100,13 @@ def test_trajectories_concatenate_with_and_without_outputs():
 def test_nft_in_the_trainer_starts_at_the_recorded_policy_and_trains_lora_only(make_trainer):
     trainer = make_trainer("algo=nft", "advantage.mode=batch")
     perturb_lora(trainer)   # a policy that is not the base model
-    samples, _ = trainer.sample_epoch(0)
+    samples, _ = trainer.sample(0)
     assert samples.trajectory.outputs is not None
     rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
     tensors = trainer.pair_tensors(samples, torch.tensor([1.0, -1.0]), rows, cols)
     # before any update the recomputed clean estimate is the one recorded when sampling
     torch.testing.assert_close(tensors["clean_estimate"], tensors["old_clean_estimate"], rtol=1e-4, atol=1e-4)
-    loss, metrics = trainer.pair_loss(samples, torch.tensor([1.0, -1.0]), rows, cols)
+    loss, metrics = trainer.algo.loss(**tensors)
     assert metrics["policy_shift"].item() < 1e-8
     loss.backward()
     lora, frozen = lora_and_frozen_grads(trainer)

@@ -6,6 +6,7 @@ import torch
 
 from ddpo_cli.config import compose, plan_run
 from ddpo_cli.errors import UserError
+from ddpo_cli.rollout import preservation_drift
 
 from test_algorithms_more import lora_and_frozen_grads, make_trainer, perturb_lora  # noqa: F401 (fixture)
 
@@ -33,11 +34,17 @@ def test_bad_preservation_settings_are_one_line_errors(overrides, message):
 def test_drift_is_zero_at_the_base_model_and_trains_lora_only(make_trainer):
     trainer = make_trainer("train.preserve.weight=10", "train.preserve.prompts=simple_animals",
                            "prompts=from_list", "prompts.prompts=[a cat]")
-    samples, _ = trainer.sample_epoch(0)
+    samples, _ = trainer.sample(0)
     rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
-    assert trainer.preservation_drift(samples, rows, cols).item() == 0.0   # LoRA B starts at zero: the base model
+
+    def drift_now():
+        return preservation_drift(trainer.model, trainer.sampler, trainer.denoiser, samples.trajectory, rows, cols,
+                                  trainer.plan.preserve, 16, trainer.cfg.sampler.guidance_scale,
+                                  torch.Generator().manual_seed(0))
+
+    assert drift_now().item() == 0.0   # LoRA B starts at zero: the base model
     perturb_lora(trainer)
-    drift = trainer.preservation_drift(samples, rows, cols)
+    drift = drift_now()
     assert drift.item() > 0
     drift.backward()
     lora, frozen = lora_and_frozen_grads(trainer)

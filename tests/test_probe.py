@@ -82,11 +82,12 @@ def trainer(tmp_path_factory, cache_dir):
 def test_the_policy_before_any_update_scores_exactly_the_base(trainer):
     # LoRA starts at B = 0: with the adapter on, the same prompts and noise must give the base's very numbers, on
     # both prompt sets; a pairing or seeding mistake shows here as a non-zero gain
-    assert [p.name for p in trainer.probes] == ["trained", "held-out"]
-    for probe in trainer.probes:
-        for key, values in trainer.probe_scores(probe).items():
-            np.testing.assert_array_equal(values, trainer.probe_base[probe.name][key])
-    assert trainer.paired_row(0)["paired"]["trained"]["reward"]["gain"] == 0.0
+    paired = trainer.paired
+    assert [p.name for p in paired.probes] == ["trained", "held-out"]
+    for probe in paired.probes:
+        for key, values in paired.scores(trainer.unwrapped, probe).items():
+            np.testing.assert_array_equal(values, paired.base[probe.name][key])
+    assert paired.row(0, trainer.unwrapped)["paired"]["trained"]["reward"]["gain"] == 0.0
 
 
 def test_a_sliding_sde_window_does_not_enter_the_paired_measure(trainer):
@@ -95,14 +96,14 @@ def test_a_sliding_sde_window_does_not_enter_the_paired_measure(trainer):
     trainer.sampler.set_epoch(2)                     # training's window: step 2 only
     try:
         assert [i for i in range(3) if trainer.sampler.is_stochastic(i)] == [2]
-        for name, keys in trainer.paired_row(2)["paired"].items():
+        for name, keys in trainer.paired.row(2, trainer.unwrapped)["paired"].items():
             assert all(values["gain"] == 0.0 for values in keys.values()), (name, keys)
     finally:
         trainer.sampler.set_epoch(0)
 
 
 def test_an_image_of_a_probe_does_not_depend_on_its_batch(trainer):
-    probe, denoiser = trainer.probes[0], trainer.accelerator.unwrap_model(trainer.denoiser)
+    probe, denoiser = trainer.paired.probes[0], trainer.unwrapped
     args = (trainer.model, trainer.sampler, denoiser, probe, trainer.cfg.sampler.guidance_scale)
     one, three = probe_images(*args, 1, trainer.device), probe_images(*args, 3, trainer.device)
     torch.testing.assert_close(one, three, atol=2e-6, rtol=0)

@@ -5,7 +5,8 @@ from diffusers import DDIMScheduler
 
 from ddpo_cli.models import Conditioning
 from ddpo_cli.models.tiny import SCHEDULER_CONFIG
-from ddpo_cli.rollout import generator_noise, run_chain
+from ddpo_cli.noise import generator_noise
+from ddpo_cli.rollout import run_chain
 from ddpo_cli.samplers.ddim import DDIMSampler, NoiseSchedule, ddim_step_with_logprob
 
 
