@@ -110,9 +110,9 @@ def test_an_image_of_a_probe_does_not_depend_on_its_batch(trainer):
 
 
 def test_a_paired_metric_the_reward_does_not_report_is_named_in_one_line(tmp_path, cache_dir):
-    from conftest import run_cli
+    from conftest import ddpo
 
-    result = run_cli("train", "model=tiny", "sampler.num_steps=2", "sampler.batch_size=2", "log.tracker=none",
+    result = ddpo("train", "model=tiny", "sampler.num_steps=2", "sampler.batch_size=2", "log.tracker=none",
                      "log.paired.every=1", "log.paired.images=2", "log.paired.metric=exact",
                      f"hydra.run.dir={tmp_path / 'run'}")
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ddpo, run_cli
 from ddpo_cli.errors import UserError
 from ddpo_cli.runtime import cpu_has_bf16, pick_device, precision_rows, resolve_precision
 
@@ -59,7 +59,7 @@ def test_bf16_on_a_cpu_keeps_the_ratio_at_one(tmp_path, cache_dir):
     from conftest import read_metrics
 
     run = tmp_path / "bf16"
-    result = run_cli("train", "model=tiny", "precision=bf16", "sampler.num_steps=4", "sampler.batch_size=4",
+    result = ddpo("train", "model=tiny", "precision=bf16", "sampler.num_steps=4", "sampler.batch_size=4",
                      "sampler.num_batches_per_epoch=1", "train.batch_size=4", "train.timesteps_per_forward=1",
                      "advantage.mode=batch", "log.tracker=none", "train.num_epochs=1", "threads=2",
                      f"hydra.run.dir={run}")
@@ -100,7 +100,7 @@ def test_a_run_reads_its_config_once(tmp_path, cache_dir):
     # algorithm three times and validate twice)
     (tmp_path / "counted.py").write_text(COUNTED)
     count_file = tmp_path / "built.txt"
-    result = run_cli("train", "model=tiny", "sampler.num_steps=2", "sampler.batch_size=2",
+    result = ddpo("train", "model=tiny", "sampler.num_steps=2", "sampler.batch_size=2",
                      "sampler.num_batches_per_epoch=1", "train.batch_size=2", "advantage.mode=batch",
                      "log.tracker=none", "train.num_epochs=1", "threads=2", "reward._target_=counted.CountedReward",
                      "algo._target_=counted.CountedAlgorithm", f"hydra.run.dir={tmp_path / 'run'}",

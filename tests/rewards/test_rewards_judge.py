@@ -35,7 +35,7 @@ from ddpo_cli.toyworld.render import PALETTE, shape_mask  # noqa: E402
 from reward_contract import check_contract  # noqa: E402
 from tiny_judge_models import build_geneval, build_tiny_open_clip, build_tiny_owl, build_vlm_judge  # noqa: E402
 
-SAMPLE = Path(__file__).parent / "geneval_sample.jsonl"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "geneval_sample.jsonl"
 # The fake server's first-token distribution for a red image (a blue one swaps " Yes" and " No").
 RED_LOGPROBS = {" Yes": -0.4, "Yes": -2.0, " No": -1.6, "The": -3.0}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import lora_and_frozen_grads, perturb_lora
 from ddpo_cli.algorithms.alignprop import AlignProp, check_truncation, steps_with_gradient
 from ddpo_cli.algorithms.dpok import DPOK
 from ddpo_cli.algorithms.rwr import RWR, softmax_weights, top_fraction_weights
@@ -87,44 +88,6 @@ def test_alignprop_loss_forms():
 
 
 # ------------------------------------------------------------------------------------------ inside the trainer
-@pytest.fixture(scope="module")
-def make_trainer(tmp_path_factory, cache_dir):
-    from ddpo_cli.config import compose
-    from ddpo_cli.trainer import Trainer
-
-    made = []
-
-    def build(*overrides):
-        cfg = compose("train", ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2",
-                                "sampler.num_batches_per_epoch=1", "train.batch_size=2", "advantage.mode=batch",
-                                "log.tracker=none", "threads=2", *overrides])
-        trainer = Trainer(cfg, tmp_path_factory.mktemp("run"))
-        trainer.setup()
-        made.append(trainer)
-        return trainer
-
-    yield build
-    for trainer in made:
-        trainer.cleanup()
-
-
-def lora_and_frozen_grads(trainer):
-    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
-    lora = [p.grad for n, p in unet.named_parameters() if "lora" in n]
-    frozen = [p.grad for n, p in unet.named_parameters() if "lora" not in n]
-    frozen += [p.grad for p in trainer.model.vae.parameters()]
-    frozen += [p.grad for p in trainer.model.pipe.text_encoder.parameters()]
-    return lora, frozen
-
-
-def perturb_lora(trainer, scale=0.05):
-    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.add_(scale * torch.randn_like(param))
-
-
 def test_dpok_kl_is_zero_at_init_and_has_gradient_after_a_change(make_trainer):
     trainer = make_trainer("algo=dpok", "algo.kl_beta=1.0")
     samples, _ = trainer.sample(0)

@@ -30,7 +30,7 @@ from reward_contract import check_contract  # noqa: E402
 from tiny_preference_models import (build_hpsv2, build_imagereward, build_pickscore,  # noqa: E402
                                     imagereward_state)
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "reward"
 PROMPTS = ["a cat", "a red dog on a mat", "two birds"]
 
 

@@ -12,7 +12,6 @@ from ddpo_cli.errors import UserError
 from ddpo_cli.noise import mirrored_noise
 from ddpo_cli.rollout import policy_step, trained_steps
 
-from test_algorithms_more import make_trainer  # noqa: F401 (fixture)
 
 
 def test_mirrored_noise_negates_the_trained_steps_and_shares_the_rest():

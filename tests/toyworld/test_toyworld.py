@@ -15,7 +15,7 @@ from ddpo_cli.toyworld.detect import check, classify_shape, detect, summarise
 from ddpo_cli.toyworld.prompts import HELDOUT, shapes_heldout, shapes_train
 from ddpo_cli.toyworld.render import all_combos, caption, metadata, render, render_dataset, shape_mask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "ddpo_cli" / "assets" / "tiny_shapes"
 
 
@@ -205,9 +205,9 @@ def test_shipped_flow_model_loads_through_the_model_option():
 @pytest.mark.slow
 def test_flow_grpo_on_the_flow_toy_world_runs_as_documented(tmp_path, cache_dir):
     # the command of issue #13 (one epoch of its 100): Flow-GRPO = ddpo_is + Flow-GRPO's SDE + group advantages
-    from conftest import read_metrics, run_cli
+    from conftest import read_metrics, ddpo
 
-    result = run_cli("train", "model=tiny_shapes_flow", "algo=ddpo_is", "sampler=flow_sde", "advantage.mode=group",
+    result = ddpo("train", "model=tiny_shapes_flow", "algo=ddpo_is", "sampler=flow_sde", "advantage.mode=group",
                      "sampler.group_size=8", "train.num_epochs=1", "log.tracker=none", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_metrics(tmp_path)[0]

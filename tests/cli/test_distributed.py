@@ -20,7 +20,7 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, cache_dir):
     # a fresh model cache: both processes build the tiny model at once (they once left it without text-encoder weights)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "fresh_cache")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(Path(__file__).parent / "ddp_worker.py"), str(run_dir), "model=tiny", "sampler.num_steps=3",
+               str(Path(__file__).resolve().parents[1] / "helpers" / "ddp_worker.py"), str(run_dir), "model=tiny", "sampler.num_steps=3",
                "sampler.batch_size=2", "sampler.num_batches_per_epoch=1", "train.batch_size=1",
                "train.gradient_accumulation_steps=2", "advantage.min_count=2", "log.tracker=none",
                "train.num_epochs=2", "train.lr=1e-2", "threads=1"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_lora_plainly, read_metrics, run_cli
+from conftest import load_lora_plainly, read_metrics, ddpo
 
 pytestmark = pytest.mark.slow
 STEPS = ["sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1", "train.batch_size=2",
@@ -68,7 +68,7 @@ def test_deterministic_sample_equals_diffusers_ddim(tmp_path, tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "sample"
-    ok(run_cli("sample", "model=tiny", "sampler.eta=0", "sampler.num_steps=5", "sampler.guidance_scale=4.0",
+    ok(ddpo("sample", "model=tiny", "sampler.eta=0", "sampler.num_steps=5", "sampler.guidance_scale=4.0",
                "sampler.batch_size=3", "n=2", "num_prompts=2", "threads=2", f"hydra.run.dir={out}"))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -79,7 +79,7 @@ def test_deterministic_sample_equals_diffusers_ddim(tmp_path, tiny_model_dir):
         assert np.abs(ours - expected).max() <= ONE_LEVEL, row
     # deterministic: a second draw of the same seeds gives the same PNGs byte for byte
     again = tmp_path / "again"
-    ok(run_cli("sample", "model=tiny", "sampler.eta=0", "sampler.num_steps=5", "sampler.guidance_scale=4.0",
+    ok(ddpo("sample", "model=tiny", "sampler.eta=0", "sampler.num_steps=5", "sampler.guidance_scale=4.0",
                "sampler.batch_size=1", "n=2", "num_prompts=2", "threads=2", f"hydra.run.dir={again}"))
     for (_, first), (_, second) in zip(images, sampled(again)):
         assert np.array_equal(first, second)
@@ -90,7 +90,7 @@ def sdxl_sweep(tmp_path_factory, cache_dir) -> Path:
     """Every algorithm, one epoch each, on the tiny SDXL model, in one `ddpo train -m` process (brightness reward:
     differentiable, so the backprop algorithms run too)."""
     sweep = tmp_path_factory.mktemp("sdxl")
-    ok(run_cli("train", "-m", "model=tiny_sdxl", *STEPS, "train.num_epochs=1", "reward=custom",
+    ok(ddpo("train", "-m", "model=tiny_sdxl", *STEPS, "train.num_epochs=1", "reward=custom",
                "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
@@ -120,7 +120,7 @@ def test_sdxl_lora_loads_in_plain_diffusers_and_reproduces_ddpo_sample(sdxl_swee
     assert any(k.startswith("unet.") and v.abs().sum() > 0
                for k, v in load_file(checkpoint / "pytorch_lora_weights.safetensors").items() if "lora.up" in k)
     out = tmp_path / "sample"
-    ok(run_cli("sample", f"run={run}", "sampler.eta=0", "n=2", "num_prompts=2", "threads=2",
+    ok(ddpo("sample", f"run={run}", "sampler.eta=0", "n=2", "num_prompts=2", "threads=2",
                f"hydra.run.dir={out}"))
     model_cfg = OmegaConf.load(run / ".hydra" / "config.yaml").model
     folder = materialise_tiny(model_cfg.tiny, str(cache_dir), "sdxl")
@@ -139,9 +139,9 @@ def test_sdxl_lora_loads_in_plain_diffusers_and_reproduces_ddpo_sample(sdxl_swee
 def test_a_deterministic_draft_run_is_evaluated_with_its_own_sampler(tmp_path):
     # DRaFT / AlignProp may train with eta = 0; ddpo eval (and sample) then draw with that same deterministic sampler
     run = tmp_path / "draft"
-    ok(run_cli("train", "model=tiny", *STEPS, "train.num_epochs=1", "algo=draft", "reward=custom", "sampler.eta=0",
+    ok(ddpo("train", "model=tiny", *STEPS, "train.num_epochs=1", "algo=draft", "reward=custom", "sampler.eta=0",
                f"hydra.run.dir={run}"))
-    ok(run_cli("eval", f"run={run}", "n=2", "num_prompts=2", "threads=2", f"hydra.run.dir={run / 'eval'}"))
+    ok(ddpo("eval", f"run={run}", "n=2", "num_prompts=2", "threads=2", f"hydra.run.dir={run / 'eval'}"))
     summary = json.loads((run / "eval" / "eval.json").read_text())
     assert summary["sampler"]["eta"] == 0.0 and [m["name"] for m in summary["models"]] == ["base", "epoch_0000"]
 
@@ -150,7 +150,7 @@ def test_a_deterministic_draft_run_is_evaluated_with_its_own_sampler(tmp_path):
 def sd3_sweep(tmp_path_factory, cache_dir) -> Path:
     """Every algorithm, one epoch each, on the tiny SD3 (flow) model with Flow-GRPO's SDE, in one process."""
     sweep = tmp_path_factory.mktemp("sd3")
-    ok(run_cli("train", "-m", "model=tiny_sd3", "sampler=flow_sde", *STEPS, "train.num_epochs=1", "reward=custom",
+    ok(ddpo("train", "-m", "model=tiny_sd3", "sampler=flow_sde", *STEPS, "train.num_epochs=1", "reward=custom",
                "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
@@ -180,7 +180,7 @@ def test_sd3_lora_loads_in_plain_diffusers_and_reproduces_the_ode(sd3_sweep, tmp
     run = next(job for job in sorted(sd3_sweep.glob("job_*"))
                if "algo=ddpo_sf" in (job / ".hydra" / "overrides.yaml").read_text())
     out = tmp_path / "sample"
-    ok(run_cli("sample", f"run={run}", "sampler.name=flow_ode", "n=2", "num_prompts=2", "threads=2",
+    ok(ddpo("sample", f"run={run}", "sampler.name=flow_ode", "n=2", "num_prompts=2", "threads=2",
                f"hydra.run.dir={out}"))
     folder = materialise_tiny(OmegaConf.load(run / ".hydra" / "config.yaml").model.tiny, str(cache_dir), "sd3")
     plain = StableDiffusion3Pipeline.from_pretrained(folder, **absent_components(folder))
@@ -198,7 +198,7 @@ def test_sd3_lora_loads_in_plain_diffusers_and_reproduces_the_ode(sd3_sweep, tmp
 def flux_sweep(tmp_path_factory, cache_dir) -> Path:
     """Every algorithm, one epoch each, on the tiny FLUX model (guidance input 3.5) with Flow-GRPO's SDE."""
     sweep = tmp_path_factory.mktemp("flux")
-    ok(run_cli("train", "-m", "model=tiny_flux", "sampler=flow_sde", "sampler.guidance_scale=3.5", *STEPS,
+    ok(ddpo("train", "-m", "model=tiny_flux", "sampler=flow_sde", "sampler.guidance_scale=3.5", *STEPS,
                "train.num_epochs=1", "reward=custom",
                "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
@@ -220,7 +220,7 @@ def test_every_algorithm_runs_on_flux_and_its_lora_loads_in_plain_diffusers(flux
     run = next(job for job in jobs if "algo=ddpo_sf" in (job / ".hydra" / "overrides.yaml").read_text())
     assert read_metrics(run)[0]["approx_kl"] == 0.0
     out = tmp_path / "sample"
-    ok(run_cli("sample", f"run={run}", "sampler.name=flow_ode", "n=2", "num_prompts=2", "threads=2",
+    ok(ddpo("sample", f"run={run}", "sampler.name=flow_ode", "n=2", "num_prompts=2", "threads=2",
                f"hydra.run.dir={out}"))
     folder = materialise_tiny(OmegaConf.load(run / ".hydra" / "config.yaml").model.tiny, str(cache_dir), "flux")
     plain = FluxPipeline.from_pretrained(folder, **absent_components(folder))
@@ -233,6 +233,6 @@ def test_every_algorithm_runs_on_flux_and_its_lora_loads_in_plain_diffusers(flux
 def test_a_flow_run_is_evaluated_with_the_ode(sd3_sweep, tmp_path):
     run = next(job for job in sorted(sd3_sweep.glob("job_*"))
                if "algo=ddpo_is" in (job / ".hydra" / "overrides.yaml").read_text())
-    ok(run_cli("eval", f"run={run}", "n=2", "num_prompts=1", "threads=2", f"hydra.run.dir={tmp_path / 'eval'}"))
+    ok(ddpo("eval", f"run={run}", "n=2", "num_prompts=1", "threads=2", f"hydra.run.dir={tmp_path / 'eval'}"))
     summary = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert summary["sampler"]["name"] == "flow_ode" and [m["name"] for m in summary["models"]] == ["base", "epoch_0000"]

@@ -9,7 +9,6 @@ from ddpo_cli.config import compose, plan_run
 from ddpo_cli.errors import UserError
 from ddpo_cli.noise import branched_noise
 
-from test_algorithms_more import make_trainer  # noqa: F401 (fixture)
 
 
 def test_branched_noise_shares_all_but_the_branch_step():

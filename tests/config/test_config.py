@@ -12,10 +12,10 @@ CONF = conf_dir()
 GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if group.is_dir()
                  for option in sorted(group.rglob("*.yaml")) if group.name != "experiment"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").rglob("*.yaml"))
-HERE = Path(__file__).parent
+DATA = Path(__file__).resolve().parents[1] / "data"
 NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompts", "from_list"): ["prompts.prompts=[a cat]"],
-         ("prompts", "geneval"): [f"prompts.path={HERE / 'geneval_sample.jsonl'}"],
-         ("prompts", "drawbench"): [f"prompts.path={HERE / 'drawbench_sample.csv'}"],
+         ("prompts", "geneval"): [f"prompts.path={DATA / 'geneval_sample.jsonl'}"],
+         ("prompts", "drawbench"): [f"prompts.path={DATA / 'drawbench_sample.csv'}"],
          ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"],
          **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},
          ("sampler", "flow_ode"): ["model=tiny_sd3", "algo=draft", "reward=clip_score"],
@@ -120,7 +120,7 @@ def test_sweep_expansion():
 
 
 def test_conf_ships_inside_the_wheel_config():
-    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"ddpo_cli.conf" = "conf"' in text and (CONF / "train.yaml").exists()
 
 

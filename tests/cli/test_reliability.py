@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, ddpo, run_cli
 from ddpo_cli.report import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -104,12 +104,9 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def good_run(tmp_path_factory, cache_dir) -> Path:
-    """2 epochs, a checkpoint after each."""
-    run = tmp_path_factory.mktemp("runs") / "good"
-    result = run_cli("train", *FAST, "train.num_epochs=2", f"hydra.run.dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
+def good_run(trained_run) -> Path:
+    """The shared reference run: 2 epochs, a checkpoint after each (tests write into copies of it)."""
+    return trained_run
 
 
 def copy_of(run: Path, tmp_path: Path, name: str = "copy") -> Path:
@@ -122,7 +119,7 @@ def copy_of(run: Path, tmp_path: Path, name: str = "copy") -> Path:
 def test_a_nan_reward_stops_the_run_and_keeps_every_checkpoint(good_run, tmp_path, helpers):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    result = run_cli("train", *FAST, *custom("nan_for_cats"), "train.num_epochs=4", f"resume={run}",
+    result = ddpo("train", *FAST, *custom("nan_for_cats"), "train.num_epochs=4", f"resume={run}",
                      "resume_allow_changes=true", env=helpers)
     one_line_exit_2(result, "reward nan_for_cats", "non-finite", "'a cat'", "train.nonfinite_rewards=drop")
     after = snapshot(run)
@@ -132,7 +129,7 @@ def test_a_nan_reward_stops_the_run_and_keeps_every_checkpoint(good_run, tmp_pat
 
 def test_dropping_nan_rewards_trains_on_the_others(tmp_path, helpers, cache_dir):
     run = tmp_path / "drop"
-    result = run_cli("train", *FAST, *custom("nan_for_cats"), "train.nonfinite_rewards=drop", "train.num_epochs=2",
+    result = ddpo("train", *FAST, *custom("nan_for_cats"), "train.nonfinite_rewards=drop", "train.num_epochs=2",
                  "advantage.mode=per_prompt", "advantage.min_count=1", f"hydra.run.dir={run}", env=helpers)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run)
@@ -142,7 +139,7 @@ def test_dropping_nan_rewards_trains_on_the_others(tmp_path, helpers, cache_dir)
     state = torch.load(run / "checkpoints" / "epoch_0001" / "training_state.pt", weights_only=True)
     buffers = state["stat_tracker"]["buffers"]
     assert "a cat" not in buffers and all(v == v for values in buffers.values() for v in values)
-    everything_nan = run_cli("train", *FAST, *custom("all_nan"), "train.nonfinite_rewards=drop", "train.num_epochs=1",
+    everything_nan = ddpo("train", *FAST, *custom("all_nan"), "train.nonfinite_rewards=drop", "train.num_epochs=1",
                          f"hydra.run.dir={tmp_path / 'all_nan'}", env=helpers)
     one_line_exit_2(everything_nan, "no finite value")
 
@@ -152,7 +149,7 @@ def test_weights_with_nan_are_never_sampled(good_run, tmp_path):
     lora_file = run / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors"
     weights = load_file(lora_file)
     save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, lora_file)
-    one_line_exit_2(run_cli("sample", f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / 's'}"),
+    one_line_exit_2(ddpo("sample", f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / 's'}"),
                     "NaN/inf weights")
 
 
@@ -160,14 +157,14 @@ def test_weights_with_nan_are_never_sampled(good_run, tmp_path):
 def test_a_run_folder_has_one_writer_and_is_never_overwritten(good_run, tmp_path):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    overwrite = run_cli("train", *FAST, "train.num_epochs=3", f"hydra.run.dir={run}")
+    overwrite = ddpo("train", *FAST, "train.num_epochs=3", f"hydra.run.dir={run}")
     one_line_exit_2(overwrite, "already holds a run", f"resume={run}", alone=True)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddpo_cli.runs import lock_run; "
                                "lock_run(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        one_line_exit_2(run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}"),
+        one_line_exit_2(ddpo("train", *FAST, "train.num_epochs=3", f"resume={run}"),
                         "in use by another ddpo process", alone=True)
     finally:
         holder.kill()
@@ -195,7 +192,7 @@ def test_a_flow_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_p
     checkpoints = killed / "checkpoints"
     wait_for(checkpoints / "epoch_0000")
     process.send_signal(signal.SIGSTOP)           # paused mid-run: a second writer must be refused
-    one_line_exit_2(run_cli("train", *FLOW, f"resume={killed}"), "in use by another ddpo process", alone=True)
+    one_line_exit_2(ddpo("train", *FLOW, f"resume={killed}"), "in use by another ddpo process", alone=True)
     process.send_signal(signal.SIGCONT)
     wait_for(checkpoints / ".epoch_0001.tmp", checkpoints / "epoch_0001")   # writing, or just written, epoch 1
     process.kill()
@@ -203,7 +200,7 @@ def test_a_flow_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_p
     from ddpo_cli.runs import list_checkpoints
 
     assert [p.name for p in list_checkpoints(killed)] in (["epoch_0000"], ["epoch_0000", "epoch_0001"])
-    resumed = run_cli("train", *FLOW, f"resume={killed}")
+    resumed = ddpo("train", *FLOW, f"resume={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()[-3000:]
     assert [r["epoch"] for r in read_metrics(killed)] == [0, 1, 2]
@@ -228,7 +225,7 @@ def test_a_metrics_line_cut_by_a_full_disk_does_not_stop_resume_or_eval(good_run
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"epoch": 2, "global_st')
     assert [r["epoch"] for r in read_metrics(run)] == [0, 1]
-    result = run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}")
+    result = ddpo("train", *FAST, "train.num_epochs=3", f"resume={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["epoch"] for r in read_metrics(run)] == [0, 1, 2]
 
@@ -246,15 +243,15 @@ def test_a_run_folder_is_not_code(good_run, tmp_path, helpers):
     victim = tmp_path / "overwritten.txt"
     with_prompts(run, {"_target_": "shutil.copyfile", "src": str(run / "metrics.jsonl"), "dst": str(victim)})
     for command in ("sample", "eval"):
-        one_line_exit_2(run_cli(command, f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / command}"),
+        one_line_exit_2(ddpo(command, f"run={run}", "n=1", "num_prompts=1", f"hydra.run.dir={tmp_path / command}"),
                         "outside ddpo_cli", "shutil.copyfile", "trust_run=true", alone=True)
     assert not victim.exists()
     # a run that names its owner's own code opens with trust_run=true
     own = copy_of(good_run, tmp_path, "own")
     with_prompts(own, {"_target_": "bad_rewards.prompts_of_mine"})
-    refused = run_cli("sample", f"run={own}", "n=1", f"hydra.run.dir={tmp_path / 'refused'}", env=helpers)
+    refused = ddpo("sample", f"run={own}", "n=1", f"hydra.run.dir={tmp_path / 'refused'}", env=helpers)
     one_line_exit_2(refused, "bad_rewards.prompts_of_mine")
-    trusted = run_cli("sample", f"run={own}", "n=1", "trust_run=true", f"hydra.run.dir={tmp_path / 'trusted'}",
+    trusted = ddpo("sample", f"run={own}", "n=1", "trust_run=true", f"hydra.run.dir={tmp_path / 'trusted'}",
                   env=helpers)
     assert trusted.returncode == 0, trusted.stderr[-3000:]
 
@@ -278,8 +275,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(good_run, tm
     runs = [copy_of(good_run, tmp_path, how) for how in cases]
     for run, how in zip(runs, cases):
         damage(run, how)
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda run: run_cli("train", *FAST, "train.num_epochs=3", f"resume={run}"), runs))
+    results = [ddpo("train", *FAST, "train.num_epochs=3", f"resume={run}") for run in runs]
     for run, how, result in zip(runs, cases, results):
         assert result.returncode == 0, (how, result.stderr[-3000:])
         assert "skipped an unreadable checkpoint: epoch_0001" in result.stderr, how
@@ -292,7 +288,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(good_run, tm
 def test_a_checkpoint_of_another_shape_is_refused_in_one_line(good_run, tmp_path):
     run = copy_of(good_run, tmp_path)
     before = snapshot(run)
-    one_line_exit_2(run_cli("train", *FAST, "model.lora.rank=8", "train.num_epochs=3", f"resume={run}"),
+    one_line_exit_2(ddpo("train", *FAST, "model.lora.rank=8", "train.num_epochs=3", f"resume={run}"),
                     "cannot resume", "model.lora")
     assert {k: v for k, v in snapshot(run).items() if ".hydra" not in str(k)} == \
         {k: v for k, v in before.items() if ".hydra" not in str(k)}
@@ -301,7 +297,7 @@ def test_a_checkpoint_of_another_shape_is_refused_in_one_line(good_run, tmp_path
 def test_resuming_an_older_checkpoint_keeps_what_came_after_it(good_run, tmp_path):
     run = copy_of(good_run, tmp_path)
     old_row = read_metrics(run)[1]
-    result = run_cli("train", *FAST, "train.num_epochs=2", f"resume={run / 'checkpoints' / 'epoch_0000'}")
+    result = ddpo("train", *FAST, "train.num_epochs=2", f"resume={run / 'checkpoints' / 'epoch_0000'}")
     assert result.returncode == 0, result.stderr[-3000:]
     (superseded,) = list((run / "superseded").iterdir())
     assert (superseded / "epoch_0001" / "training_state.pt").exists()
@@ -413,9 +409,8 @@ def test_a_custom_reward_of_the_wrong_shape_is_named_in_one_line(tmp_path, helpe
     cases = [("scalar", "shape () for 4 images"), ("strings", "returned list"), ("nothing", "returned NoneType"),
              ("one_short", "shape (3,) for 4 images"),
              ("raises", "raised KeyError ('a key the reward forgot'): fix the reward")]  # issue #23: a traceback
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda case: run_cli("train", *FAST, *custom(case[0]), "train.num_epochs=1",
-                                                 f"hydra.run.dir={tmp_path / case[0]}", env=helpers), cases))
+    results = [ddpo("train", *FAST, *custom(fn), "train.num_epochs=1", f"hydra.run.dir={tmp_path / fn}", env=helpers)
+               for fn, _ in cases]
     for (fn, phrase), result in zip(cases, results):
         one_line_exit_2(result, f"reward {fn}", phrase)
 
@@ -431,7 +426,7 @@ def test_several_updates_without_importance_weights_get_a_word():
 
 
 def test_lora_targets_that_match_nothing_are_one_line(tmp_path, cache_dir):
-    one_line_exit_2(run_cli("train", *FAST, "model.lora.target_modules=[no_such_layer]", "train.num_epochs=1",
+    one_line_exit_2(ddpo("train", *FAST, "model.lora.target_modules=[no_such_layer]", "train.num_epochs=1",
                         f"hydra.run.dir={tmp_path / 'run'}"), "model.lora.target_modules=['no_such_layer']")
 
 

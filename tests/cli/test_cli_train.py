@@ -8,11 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import load_lora_plainly, read_metrics, run_cli
-
-FAST = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
-        "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
-        "advantage.mode=batch", "log.grid_images=4", "threads=2", "seed=7", "train.lr=1e-3"]
+from conftest import TRAIN as FAST
+from conftest import ddpo, load_lora_plainly, read_metrics
 pytestmark = pytest.mark.slow
 
 
@@ -21,11 +18,9 @@ def lora_of(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, cache_dir) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "full"
-    result = run_cli("train", *FAST, "train.num_epochs=2", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+def full_run(trained_run) -> Path:
+    """The shared reference run (``TRAIN``, 2 epochs): read only."""
+    return trained_run
 
 
 def test_outputs_of_a_run(full_run):
@@ -66,9 +61,9 @@ def test_golden_numbers(full_run):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(full_run, tmp_path):
     run_dir = tmp_path / "resumed"
-    first = run_cli("train", *FAST, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
+    first = ddpo("train", *FAST, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli("train", *FAST, "train.num_epochs=2", f"resume={run_dir}")
+    second = ddpo("train", *FAST, "train.num_epochs=2", f"resume={run_dir}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr + second.stdout
     rows = read_metrics(run_dir)
@@ -83,7 +78,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(full_run, tmp_pat
 def test_bad_input_is_one_line_exit_2_and_loses_nothing(full_run):
     before = {p: p.read_bytes() for p in full_run.rglob("*") if p.is_file()}
     for args in (["train.lr=fast"], ["sampler.eta=0"], ["train.batch_size=3"], ["model=sd15", "model.pretrained=/no/such/model"]):
-        result = run_cli("train", *FAST, "train.num_epochs=3", f"resume={full_run}", *args)
+        result = ddpo("train", *FAST, "train.num_epochs=3", f"resume={full_run}", *args)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error:"), (args, result.stderr[-2000:])
@@ -129,29 +124,29 @@ def test_saved_lora_loads_with_plain_diffusers_and_reproduces_images(full_run, t
 def test_full_fine_tuning_saves_the_unet_and_resumes(tmp_path):
     run_dir = tmp_path / "full_ft"
     args = [*FAST, "model.use_lora=false", "train.lr=1e-5", "log.tracker=none"]
-    result = run_cli("train", *args, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
+    result = ddpo("train", *args, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "epoch_0000" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert read_metrics(run_dir)[0]["kl_to_base"] is None  # no base model without a second copy
-    resumed = run_cli("train", *args, "train.num_epochs=2", f"resume={run_dir}")
+    resumed = ddpo("train", *args, "train.num_epochs=2", f"resume={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1]
 
 
 def test_ls_lists_groups():
-    result = run_cli("ls", "reward")
+    result = ddpo("ls", "reward")
     assert result.returncode == 0 and "jpeg_compressibility" in result.stdout
-    assert run_cli("ls", "nope").returncode == 2
+    assert ddpo("ls", "nope").returncode == 2
 
 
 def test_every_algorithm_runs_end_to_end_in_one_sweep(tmp_path):
     # one `ddpo train -m` process runs the jobs one after another: this also checks that accelerate's global state
     # is reset between sweep jobs
     sweep = tmp_path / "sweep"
-    result = run_cli("train", "-m", *FAST, "train.num_epochs=1", "log.tracker=none",
+    result = ddpo("train", "-m", *FAST, "train.num_epochs=1", "log.tracker=none",
                      "algo=ddpo_sf,rwr,rwr_sparse,dpok,baseline", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
-    backprop = run_cli("train", "-m", *FAST, "train.num_epochs=1", "log.tracker=none", "reward=custom",
+    backprop = ddpo("train", "-m", *FAST, "train.num_epochs=1", "log.tracker=none", "reward=custom",
                        "algo=alignprop,draft", f"hydra.sweep.dir={sweep / 'backprop'}")
     assert backprop.returncode == 0, backprop.stderr[-3000:]
     jobs = sorted(sweep.glob("job_*")) + sorted((sweep / "backprop").glob("job_*"))
@@ -170,7 +165,7 @@ def test_quickstart_smoke_run_and_its_eval(tmp_path):
     # the README's main job, shortened to 2 epochs of one 32-image batch (4 groups x 8) in updates of 16, then the
     # README's eval
     run_dir = tmp_path / "quickstart"
-    result = run_cli("train", "experiment=quickstart", "train.num_epochs=2", "sampler.num_batches_per_epoch=1",
+    result = ddpo("train", "experiment=quickstart", "train.num_epochs=2", "sampler.num_batches_per_epoch=1",
                      "train.gradient_accumulation_steps=1", "log.tracker=none", "threads=2",
                      f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -179,7 +174,7 @@ def test_quickstart_smoke_run_and_its_eval(tmp_path):
     assert 0 <= rows[0]["reward_info/exact"] <= 1 and rows[0]["kl_to_base"] >= 0
     assert (run_dir / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").exists()
     assert (run_dir / "images" / "epoch_0001.png").exists()
-    evaluated = run_cli("eval", f"run={run_dir}", "n=4", "grid_images=2", f"hydra.run.dir={run_dir / 'eval'}")
+    evaluated = ddpo("eval", f"run={run_dir}", "n=4", "grid_images=2", f"hydra.run.dir={run_dir / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = (run_dir / "eval" / "eval.md").read_text()
     assert "shapes_counting/exact" in report and "`shapes_train`" in report

@@ -12,7 +12,7 @@ from ddpo_cli.rollout import Trajectory
 from ddpo_cli.samplers.ddim import DDIMSampler
 from ddpo_cli.samplers.flow import FlowSampler
 
-from test_algorithms_more import lora_and_frozen_grads, make_trainer, perturb_lora  # noqa: F401 (fixture)
+from conftest import lora_and_frozen_grads, perturb_lora
 
 
 def test_optimality_probability_by_hand():

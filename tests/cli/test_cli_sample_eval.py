@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_cli
+from conftest import ddpo
 
 FAST = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
         "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
@@ -33,7 +32,7 @@ def ok(result) -> None:
 def sweep(tmp_path_factory, cache_dir) -> Path:
     """A 2-job training sweep; job folders hold '=' and ',' like Hydra's default names (``0_seed=0,lr=0.001``)."""
     folder = tmp_path_factory.mktemp("sweep")
-    ok(run_cli("train", "-m", *FAST, "train.num_epochs=2", "seed=0,1", f"hydra.sweep.dir={folder}",
+    ok(ddpo("train", "-m", *FAST, "train.num_epochs=2", "seed=0,1", f"hydra.sweep.dir={folder}",
                "hydra.sweep.subdir='${hydra.job.num}_seed=${seed},lr=${train.lr}'"))
     return folder
 
@@ -43,17 +42,16 @@ def run(sweep) -> Path:
     return next(p for p in sorted(sweep.iterdir()) if p.name.startswith("0_"))
 
 
-def run_side_by_side(commands: dict[str, list[str]]) -> dict:
-    """Run independent CLI commands concurrently (each is a process): ``name -> CompletedProcess``."""
-    with ThreadPoolExecutor(len(commands)) as pool:
-        return dict(zip(commands, pool.map(lambda args: run_cli(*args), commands.values())))
+def run_each(commands: dict[str, list[str]]) -> dict:
+    """Run CLI commands one after the other in this process: ``name -> Result``."""
+    return {name: ddpo(*args) for name, args in commands.items()}
 
 
 @pytest.fixture(scope="module")
 def cli(sweep, run, tmp_path_factory) -> dict:
     """A `ddpo sample -m lora_scale=0,1` (latest checkpoint), a `ddpo eval` and a `ddpo eval sweep=`, side by side."""
     folder = tmp_path_factory.mktemp("samples")
-    results = run_side_by_side({
+    results = run_each({
         "sample": ["sample", "-m", f"run={run}", "lora_scale=0,1", *SMALL,
                    "reward=jpeg_compressibility", f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=job${hydra.job.num}"],
         "eval": ["eval", f"run={run}", "checkpoints=all", "rewards.gold=jpeg_incompressibility", *SMALL],
@@ -256,7 +254,7 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path):
              ("eval", f"run={run}", "rewards.gold=no_such_reward", "unknown reward"),
              ("eval", "n=2", "needs run="),
              ("eval", "sweep=/no/such/sweep", "does not exist")]
-    results = run_side_by_side({str(i): case[:-1] for i, case in enumerate(cases)})
+    results = run_each({str(i): case[:-1] for i, case in enumerate(cases)})
     for i, (command, *args, message) in enumerate(cases):
         result = results[str(i)]
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -295,9 +293,9 @@ def test_eval_finds_a_reward_option_in_the_users_config_folder(run, tmp_path):
     (conf / "my_size.yaml").write_text("# JPEG size at quality 90\n_target_: ddpo_cli.rewards.jpeg.JpegIncompressibility"
                                        "\nquality: 90\n")
     out = tmp_path / "eval"
-    ok(run_cli("eval", "-cd", str(tmp_path / "my_conf"), f"run={run}", "rewards.gold=my_size", *SMALL,
+    ok(ddpo("eval", "-cd", str(tmp_path / "my_conf"), f"run={run}", "rewards.gold=my_size", *SMALL,
                f"hydra.run.dir={out}"))
     summary = json.loads((out / "eval.json").read_text())
     assert summary["gold_reward"] == "gold" and summary["models"][0]["rewards"]["gold"]["mean"] > 0
-    without = run_cli("eval", f"run={run}", "rewards.gold=my_size", *SMALL, f"hydra.run.dir={tmp_path / 'no'}")
+    without = ddpo("eval", f"run={run}", "rewards.gold=my_size", *SMALL, f"hydra.run.dir={tmp_path / 'no'}")
     assert without.returncode == 2 and "unknown reward 'my_size'" in without.stderr

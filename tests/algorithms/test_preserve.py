@@ -8,7 +8,7 @@ from ddpo_cli.config import compose, plan_run
 from ddpo_cli.errors import UserError
 from ddpo_cli.rollout import preservation_drift
 
-from test_algorithms_more import lora_and_frozen_grads, make_trainer, perturb_lora  # noqa: F401 (fixture)
+from conftest import lora_and_frozen_grads, perturb_lora
 
 
 def test_the_preserved_set_leaves_out_the_runs_own_prompts():

@@ -11,8 +11,8 @@ from ddpo_cli.errors import UserError
 from ddpo_cli.prompts.benchmarks import drawbench, parti_prompts
 
 # the first rows of each file as published (PartiPrompts.tsv's header and lines; DrawBench's CSV export)
-PARTI = (Path(__file__).parent / "parti_sample.tsv").read_text(encoding="utf-8")
-DRAWBENCH = (Path(__file__).parent / "drawbench_sample.csv").read_text(encoding="utf-8")
+PARTI = (Path(__file__).resolve().parents[1] / "data" / "parti_sample.tsv").read_text(encoding="utf-8")
+DRAWBENCH = (Path(__file__).resolve().parents[1] / "data" / "drawbench_sample.csv").read_text(encoding="utf-8")
 
 
 def test_parti_prompts_read_with_metadata_and_filters(tmp_path):

@@ -20,7 +20,7 @@ from ddpo_cli.rewards.base import FunctionReward, Reward  # noqa: E402
 from ddpo_cli.rewards.clip import ClipScore, ClipZeroShot  # noqa: E402
 from ddpo_cli.rewards.mix import Mix  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "reward"
 TINY_CLIP = {"embed_dim": 768,  # the aesthetic MLP reads 768-dim embeddings, as ViT-L/14's
              "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32, "head_width": 16},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from conftest import REPO, run_cli  # noqa: E402
+from conftest import REPO, ddpo  # noqa: E402
 from ddpo_cli.config import check_target, compose  # noqa: E402
 from ddpo_cli.errors import UserError  # noqa: E402
 from ddpo_cli.prompts.filters import Deduplicator, Embedder, Rules, Template, parse_lines  # noqa: E402
@@ -293,16 +293,16 @@ def test_the_yaml_documents_every_parameter_and_is_checked():
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_train_resume_and_sample_use_the_run_file(server, tmp_path, cache_dir):
-    from test_cli_train import FAST
+    from conftest import TRAIN as FAST
 
     run_dir = tmp_path / "run"
     llm = ["prompts=llm", "prompts.backend=server", f"prompts.server_url={server.url}", "prompts.model=fake-llm",
            "prompts.num_prompts=6", "prompts.requests_per_round=1", "prompts.near_duplicate_threshold=null"]
-    first = run_cli("train", *FAST, *llm, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
+    first = ddpo("train", *FAST, *llm, "train.num_epochs=1", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
     saved, calls = (run_dir / "prompts.json").read_bytes(), len(server.requests)
     assert calls == 1 and len(json.loads(saved)["prompts"]) == 6
-    second = run_cli("train", *FAST, *llm, "train.num_epochs=2", f"resume={run_dir}")
+    second = ddpo("train", *FAST, *llm, "train.num_epochs=2", f"resume={run_dir}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert (run_dir / "prompts.json").read_bytes() == saved and len(server.requests) == calls
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
