@@ -30,7 +30,7 @@ from .errors import UserError
 from .runs import fresh_folder, holds_a_run, lock_run, run_dir_of
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="RL fine-tuning of text-to-image diffusion models (DDPO, RWR, DPOK, AlignProp).")
+                  help="RL fine-tuning of text-to-image diffusion and flow-matching models: train, sample, eval, ls.")
 err = Console(stderr=True, soft_wrap=True)
 HYDRA_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--config-path", "-cp",

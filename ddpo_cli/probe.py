@@ -25,7 +25,7 @@ from .models import adapters_disabled
 from .report import warn
 from .rollout import images_from_seeds
 from .runtime import derive_seed
-from .samplers import build_sampler
+from .samplers import build_sampler, noise_key
 from .stats import mean_se
 
 
@@ -52,8 +52,8 @@ def fixed_sampler_config(sampler_cfg):
 def describe_sampler(sampler_cfg) -> str:
     """``"flow_sde, 10 steps, SDE window 0..2 (pinned; training slides it)"``: what the paired measure samples with."""
     s = sampler_cfg
-    noise = f"eta {s.eta}" if s.name == "ddim" else f"noise level {s.noise_level}"
-    text = f"{s.name}, {s.num_steps} steps, {noise}, guidance {s.guidance_scale}"
+    key = noise_key(s.name)
+    text = f"{s.name}, {s.num_steps} steps, {key} {s[key]}, guidance {s.guidance_scale}"
     if s.sde_window:
         text += f", SDE window {s.sde_window[0]}..{s.sde_window[1] - 1}"
         text += " (pinned there; training slides it)" if s.sde_window_slide_every else ""

@@ -47,8 +47,8 @@ def flat_grad(trainer: Trainer) -> torch.Tensor:
 
 def score_function_gradient(trainer: Trainer, epoch: int) -> torch.Tensor:
     """DDPO-SF ascent direction from one epoch of samples, over the trained (sample, timestep) pairs."""
-    samples, _ = trainer.sample_epoch(epoch)
-    targets = trainer.training_targets(samples, trainer.gather_rewards(samples), epoch)
+    samples, _ = trainer.sample(epoch)
+    targets = trainer.training_targets(samples, trainer.gathered_rewards(samples, epoch), epoch)
     trainer.optimizer.zero_grad()
     first, end = trainer.counts.window
     n = len(samples.prompts)
@@ -57,7 +57,7 @@ def score_function_gradient(trainer: Trainer, epoch: int) -> torch.Tensor:
     chunk = trainer.cfg.train.batch_size * trainer.cfg.train.timesteps_per_forward
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start:start + chunk], cols[start:start + chunk]
-        loss, _ = trainer.pair_loss(samples, targets, r, c)
+        loss, _ = trainer.algo.loss(**trainer.pair_tensors(samples, targets, r, c))
         (loss * r.numel() / rows.numel()).backward()
     return -flat_grad(trainer)
 

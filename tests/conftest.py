@@ -163,7 +163,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def pytest_addoption(parser):
     parser.addoption("--run-claims", action="store_true",
                      help="run the learning claims marked `claims`, each with its control (CI's second step: "
-                          "python -m pytest -q -m claims --run-claims)")
+                          "python -m pytest -q -m claims --run-claims -n 2 --dist loadgroup)")
 
 
 def pytest_collection_modifyitems(config, items):

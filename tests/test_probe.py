@@ -59,7 +59,7 @@ def test_summary_names_the_paired_gain_the_outputs_and_the_next_commands(tmp_pat
     text = run_summary(tmp_path, "exact", "shapes_heldout", describe_sampler(compose("train", [
         "model=tiny_sd3", "sampler=flow_sde", "sampler.sde_window=[0,3]", "sampler.sde_window_slide_every=2"]).sampler))
     assert "base 0.5 -> 0.7   gain +0.2 ± 0.05" in text and "base 0.6 -> 0.61" in text
-    assert "sampled with:        flow_sde, 10 steps, noise level 0.7, guidance 4.5, SDE window 0..2 (pinned there; " \
+    assert "sampled with:        flow_sde, 10 steps, noise_level 0.7, guidance 4.5, SDE window 0..2 (pinned there; " \
            "training slides it)" in text
     assert f"ddpo eval run={tmp_path}\n" in text and f"ddpo eval run={tmp_path} prompts=shapes_heldout" in text
     assert f"ddpo sample run={tmp_path} n=4" in text

@@ -24,7 +24,7 @@ A backprop algorithm's ``loss(rewards)`` takes the rewards of images generated w
 from __future__ import annotations
 
 from ..errors import UserError
-from ..samplers import names_for, stochastic_steps
+from ..samplers import SAMPLERS, noise_key, policy_samplers, stochastic_steps
 
 
 class Algorithm:
@@ -44,11 +44,10 @@ class Algorithm:
                             f"(the final step of a flow sampler is always the Euler step), and the policy needs "
                             f"noise: move the window earlier")
         if not stochastic_steps(s):
-            raise UserError(f"sampler.eta={s.eta}: the policy needs noise; use sampler.eta > 0 (the paper uses 1.0)"
-                            if s.name == "ddim" else
-                            f"sampler={s.name} (noise_level={s.noise_level}) has no stochastic step, and the policy "
-                            f"needs noise: use one of {', '.join(n for n in names_for('flow') if n != 'flow_ode')} "
-                            f"with noise_level > 0")
+            key, kind = noise_key(s.name), SAMPLERS[s.name].model_kind
+            raise UserError(f"sampler={s.name} (sampler.{key}={s[key]}) has no stochastic step, and the policy needs "
+                            f"noise: use sampler.{key} > 0 with one of {', '.join(policy_samplers(kind))} (DDPO's "
+                            f"eta is 1.0)")
         if "log_prob" not in self.needs and "old_clean_estimate" not in self.needs:
             return
         if not cfg.train.guidance_in_training and cfg.sampler.guidance_scale != 1:

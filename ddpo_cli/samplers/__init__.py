@@ -64,6 +64,17 @@ def names_for(model_kind: str) -> list[str]:
     return [name for name, cls in SAMPLERS.items() if cls.model_kind == model_kind]
 
 
+def policy_samplers(model_kind: str) -> list[str]:
+    """The samplers that can draw a stochastic policy for models of ``model_kind``."""
+    return [name for name in names_for(model_kind) if name not in SAMPLERS[name].deterministic_names]
+
+
+def noise_key(name: str) -> str:
+    """The setting that gives sampler ``name``'s stochastic steps their noise (``eta``, ``noise_level``)."""
+    check_sampler_name(name)
+    return SAMPLERS[name].noise_key
+
+
 def check_sampler(sampler_cfg, family=None) -> None:
     """The sampler's own checks and, given the model family (class), that it fits the family's objective."""
     check_sampler_name(sampler_cfg.name)

@@ -15,6 +15,8 @@ class StochasticChain:
     window: SDEWindow
     log_prob_form: str = "exact"
     evaluated_with: str | None = None   # the sampler ``ddpo eval`` uses for runs of this one (None: this one)
+    noise_key: str = "eta"              # the setting that gives its stochastic steps their noise (0: none)
+    deterministic_names: tuple[str, ...] = ()  # names of this class that never have a stochastic step
 
     @classmethod
     def check(cls, s) -> None:

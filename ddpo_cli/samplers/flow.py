@@ -68,6 +68,8 @@ class FlowSampler(StochasticChain):
 
     model_kind = "flow"
     evaluated_with = "flow_ode"  # a flow model's own sampler at inference: ddpo eval compares without step noise
+    noise_key = "noise_level"
+    deterministic_names = ("flow_ode",)
 
     @classmethod
     def check(cls, sampler_cfg) -> None:
