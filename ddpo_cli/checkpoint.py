@@ -2,7 +2,8 @@
 resume state (layout and lookup in :mod:`ddpo_cli.runs`).
 
 Writes go to a hidden staging folder that is renamed into place, so a crash mid-write leaves the previous
-checkpoint intact. Only the main process writes; every process calls :func:`save` (it holds the barriers).
+checkpoint intact. Only the main process writes; every process calls :func:`save` (it gathers sharded weights and
+holds the barriers). The files hold whole tensors whatever the strategy (:mod:`ddpo_cli.distributed`).
 """
 from __future__ import annotations
 
@@ -11,30 +12,35 @@ from pathlib import Path
 
 import torch
 
+from .distributed import load_optimizer_state, whole_optimizer_state, whole_weights
 from .errors import UserError, brief
 from .models import ModelFamily
 from .runs import STATE_FILE, checkpoint_dir, list_checkpoints, read_state
 
 
-def write_weights(model: ModelFamily, denoiser, folder: Path, use_lora: bool) -> None:
+def write_weights(model: ModelFamily, denoiser, folder: Path, use_lora: bool,
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The denoiser's weights in its family's diffusers format (``weights``: whole tensors gathered from shards)."""
     if use_lora:
-        model.save_lora(denoiser, folder)
+        model.save_lora(denoiser, folder, weights)
     else:
-        model.save_full(denoiser, folder)
+        model.save_full(denoiser, folder, weights)
 
 
 def save(accelerator, model: ModelFamily, denoiser, optimizer, state: dict, run_dir: Path, epoch: int,
          use_lora: bool, keep_last: int | None) -> Path:
-    """Write checkpoint ``epoch`` atomically on the main process; all processes wait for it."""
+    """Write checkpoint ``epoch`` atomically on the main process; all processes gather and wait for it."""
     final = checkpoint_dir(run_dir, epoch)
-    optimizer_state = optimizer.state_dict()  # every rank (ZeRO-style optimizers gather here)
+    unwrapped = accelerator.unwrap_model(denoiser)
+    weights = whole_weights(unwrapped, trainable_only=use_lora)  # every process: the shards are gathered
+    optimizer_state = whole_optimizer_state(unwrapped, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         staging = final.parent / f".{final.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         try:
             staging.mkdir(parents=True)
-            write_weights(model, accelerator.unwrap_model(denoiser), staging, use_lora)
+            write_weights(model, unwrapped, staging, use_lora, weights)
             torch.save({**state, "epoch": epoch, "optimizer": optimizer_state}, staging / STATE_FILE)
         except OSError as exc:  # a full disk or a folder made read-only: the earlier checkpoints stay as they were
             shutil.rmtree(staging, ignore_errors=True)
@@ -68,9 +74,10 @@ def load_weights(model: ModelFamily, denoiser, checkpoint: Path, use_lora: bool)
         raise UserError(f"{checkpoint} holds NaN/inf weights: use an earlier checkpoint")
 
 
-def resume(model: ModelFamily, denoiser, optimizer, requested: Path, use_lora: bool) -> tuple[Path, dict, list[str]]:
+def resume(model: ModelFamily, denoiser, requested: Path, use_lora: bool) -> tuple[Path, dict, list[str]]:
     """Load the newest readable checkpoint of ``requested`` (a run folder; or exactly the checkpoint folder given)
-    into ``denoiser`` and ``optimizer``. Returns its path, its state and one line per newer checkpoint skipped as
+    into the (not yet sharded) ``denoiser``; its optimizer state, in the returned state, goes in after ``prepare``
+    (:func:`restore_optimizer`). Returns its path, its state and one line per newer checkpoint skipped as
     unreadable. UserError if none can be loaded."""
     requested = Path(requested)
     candidates = [requested] if (requested / STATE_FILE).exists() else list_checkpoints(requested)[::-1]
@@ -78,11 +85,21 @@ def resume(model: ModelFamily, denoiser, optimizer, requested: Path, use_lora: b
     for path in candidates:
         try:
             state = read_state(path)
+            if not isinstance(state.get("optimizer"), dict):
+                raise KeyError("no optimizer state")
             load_weights(model, denoiser, path, use_lora)
-            optimizer.load_state_dict(state["optimizer"])
         except (UserError, ValueError, KeyError, RuntimeError) as exc:
             skipped.append(f"{path.name}: {brief(exc, 240)}")
             continue
         return path, state, skipped
     raise UserError(f"cannot resume from {requested}: {skipped[0] if skipped else 'no checkpoint'}; resume with the "
                     f"model and model.lora settings of the run that wrote it")
+
+
+def restore_optimizer(denoiser, optimizer, state: dict, path: Path) -> None:
+    """The optimizer state of checkpoint ``path`` into this process's optimizer (and its shard of it)."""
+    try:
+        load_optimizer_state(denoiser, optimizer, state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"the optimizer state of {path} does not fit this run ({brief(exc, 200)}): resume with the "
+                        f"model, model.lora and train settings of the run that wrote it") from None

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import compose, conf_dir, plan_run
+from .config import compose, conf_dir, config_groups, plan_run
 from .config.checks import validate_eval, validate_sample
 from .config.compose import config_error_line, prepare_args
 from .errors import UserError
@@ -135,7 +135,10 @@ def claim_train_folder(overrides: list[str], multirun: bool, plan, config_dir: P
         overrides = [*overrides, f"{key}={quoted(folder)}"]
     if first_process:
         lock_run(folder)
-    return overrides
+        return overrides
+    # the other processes of a distributed launch write nothing there (Hydra's record and log are the first's): a
+    # file of theirs could land before the first process looks, and it would refuse the folder as taken
+    return [*overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def run_hydra(config_name: str, args: list[str], task, validate, claim=None) -> None:
@@ -204,7 +207,7 @@ def train(ctx: typer.Context) -> None:
 def list_options(group: str = typer.Argument(None, help="A config group (model, reward, algo, ...)")) -> None:
     """List the config groups and their options, with each option's description."""
     root = conf_dir()
-    groups = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    groups = config_groups()
     if group and group not in groups:
         fail(f"unknown config group '{group}': choose one of {', '.join(groups)}")
     table = Table("group", "option", "description", title=f"config groups in {root}", title_justify="left")
@@ -274,6 +277,27 @@ def eval_task(cfg, _) -> None:
     else:
         from .evaluate import eval_task as run  # torch and diffusers load only when a job runs
     run(cfg)
+
+
+@app.command("serve-reward", **HYDRA_ARGS)
+def serve_reward(ctx: typer.Context,
+                 host: str = typer.Option(None, help="Address to listen on (server.host; 0.0.0.0: all)"),
+                 port: int = typer.Option(None, help="Port (server.port)")) -> None:
+    """Serve a reward over HTTP for `reward=remote reward.url=http://<host>:<port>` (LitServe; JSON, no pickle).
+
+    `ddpo serve-reward reward=aesthetic --host 0.0.0.0 --port 8100 server.devices=2`. Other keys: server.* in
+    conf/serve_reward.yaml (batching, limits, devices)."""
+    overrides = [*ctx.args, *([f"server.host={host}"] if host else []), *([f"server.port={port}"] if port else [])]
+    try:
+        cfg = compose("serve_reward", overrides)
+        try:
+            from .reward_server import serve  # litserve and torch load only when a server starts
+        except ImportError as exc:
+            raise UserError(f"ddpo serve-reward needs {exc.name or 'litserve'}: pip install 'ddpo-cli[serve]'") \
+                from None
+        serve(cfg)
+    except UserError as exc:
+        fail(str(exc))
 
 
 def main() -> None:

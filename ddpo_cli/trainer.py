@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +25,7 @@ from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
+from .distributed import is_sharded, make_accelerator, strategy
 from .guards import check_gradient, check_rewards, check_weights
 from .models import adapters_disabled, load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
@@ -58,10 +58,11 @@ class Trainer:
         resolve_model_path(cfg.model)  # a tiny model is built and saved before any process group exists
         device = pick_device(cfg.device)  # accelerate picks the GPU of each process
         self.precision = resolve_precision(cfg.precision, device)
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu",
-                                       project_dir=str(self.run_dir),
-                                       log_with=None if cfg.log.tracker == "none" else cfg.log.tracker)
+        self.accelerator = make_accelerator(self.precision, device.type == "cpu", str(self.run_dir),
+                                            None if cfg.log.tracker == "none" else cfg.log.tracker)
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        # sharded weights: every process runs each forward pass (the paired measure's too) in step with the others
+        self.sharded = is_sharded(self.accelerator)
         if self.is_main:
             lock_run(self.run_dir)  # one writer per run folder
         set_tf32(self.device, cfg.model.allow_tf32)
@@ -74,12 +75,16 @@ class Trainer:
         self.model = load_model(cfg.model, self.device, WEIGHT_DTYPES[self.precision], lora_seed=cfg.seed)
         self.sampler, self.noise = build_sampler(cfg.sampler, self.model), batch_noise(cfg.sampler)
         self.training_guidance = cfg.sampler.guidance_scale if cfg.train.guidance_in_training else 1.0
-        self.params = self.model.trainable_parameters()
         t = cfg.train
-        optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+        optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       weight_decay=t.weight_decay, eps=t.adam_epsilon)
+        self.start_epoch, self.global_step, superseded, resumed = 0, 0, None, None
+        if plan.resume:  # weights into the whole model, before prepare shards it
+            resumed = checkpoint.resume(self.model, self.model.denoiser, Path(cfg.resume).expanduser(),
+                                        cfg.model.use_lora)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.denoiser)
+        self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # The reward thread gets its own small torch thread team: a second full-size OpenMP team (created the first
         # time that thread runs a torch op) slows every later op of the main thread ~1.7x on a 2-core CPU.
@@ -87,9 +92,8 @@ class Trainer:
                                            initargs=(cfg.log.reward_worker_threads,))
         self.run_epoch = self.backprop_epoch if self.algo.rollout == "backprop" else \
             partial(self.sample_epoch, update=self.algo.rollout == "sample")
-        self.start_epoch, self.global_step, superseded = 0, 0, None
-        if plan.resume:
-            superseded = self.resume(Path(cfg.resume).expanduser())
+        if resumed:
+            superseded = self.resume(*resumed)
         if self.is_main:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
             report.truncate_metrics(self.run_dir, self.start_epoch, superseded)
@@ -101,7 +105,7 @@ class Trainer:
                 warn(warning)
         self.paired = start_paired_measure(cfg, self.prompt_set, plan.heldout, self.model, self.reward_fn,
                                            self.unwrapped, self.device, self.accelerator.autocast,
-                                           resumed=self.start_epoch > 0) if self.is_main else None
+                                           resumed=self.start_epoch > 0) if self.is_main or self.sharded else None
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -113,7 +117,8 @@ class Trainer:
                             f"{cfg.sampler.guidance_scale}"),
                 *precision_rows(self.precision, self.device), ("image size", f"{model.resolution} px"),
                 ("trainable parameters", f"{sum(p.numel() for p in self.params):,}"),
-                *self.counts.as_rows(), ("epochs", f"{self.start_epoch} -> {cfg.train.num_epochs}")]
+                ("processes", strategy(self.accelerator)), *self.counts.as_rows(),
+                ("epochs", f"{self.start_epoch} -> {cfg.train.num_epochs}")]
 
     # ------------------------------------------------------------------------------------------------ the loop
     def train(self) -> None:
@@ -371,11 +376,11 @@ class Trainer:
         return checkpoint.save(self.accelerator, self.model, self.denoiser, self.optimizer, state, self.run_dir,
                                epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
 
-    def resume(self, requested: Path) -> Path | None:
-        """Load the newest readable checkpoint of ``requested``; returns where later checkpoints of the run were
-        moved, if any (resuming from an older one keeps what came after it in ``superseded/``)."""
-        path, state, skipped = checkpoint.resume(self.model, self.unwrapped, self.optimizer, requested,
-                                                 self.cfg.model.use_lora)
+    def resume(self, path: Path, state: dict, skipped: list[str]) -> Path | None:
+        """Continue from checkpoint ``path`` (its weights are loaded): optimizer, books and counters; returns where
+        later checkpoints of the run were moved, if any (resuming from an older one keeps what came after it in
+        ``superseded/``)."""
+        checkpoint.restore_optimizer(self.unwrapped, self.optimizer, state, path)
         for line in skipped if self.is_main else []:
             console.print(f"[yellow]skipped an unreadable checkpoint: {escape(line)}[/]", highlight=False)
         self.tracker.load_state_dict(state["stat_tracker"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import traceback
@@ -50,6 +51,13 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a server or rendezvous a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
@@ -160,16 +168,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# Steps of CI kept out of the README's test command, each switched on by its own option
+OPT_IN = {"claims": ("--run-claims", "a learning claim with its control",
+                     "python -m pytest -q -m claims --run-claims -n 2 --dist loadgroup"),
+          "distributed": ("--run-distributed", "several processes (accelerate launch, a reward server, submitit)",
+                          "python -m pytest -q -m distributed --run-distributed")}
+
+
 def pytest_addoption(parser):
-    parser.addoption("--run-claims", action="store_true",
-                     help="run the learning claims marked `claims`, each with its control (CI's second step: "
-                          "python -m pytest -q -m claims --run-claims -n 2 --dist loadgroup)")
+    for marker, (option, what, command) in OPT_IN.items():
+        parser.addoption(option, action="store_true", help=f"run the tests marked `{marker}`: {what} (CI: {command})")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-claims"):
-        return
-    skip = pytest.mark.skip(reason="a learning claim with its control: run with --run-claims")
-    for item in items:
-        if "claims" in item.keywords:
-            item.add_marker(skip)
+    for marker, (option, what, _) in OPT_IN.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: run with {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -6,9 +6,9 @@
 - :mod:`.plan`: :func:`plan_run`, everything a training run needs, built once before anything is written;
 - :mod:`.run_defaults`: ``ddpo sample`` / ``ddpo eval`` taking a run's own settings.
 """
-from .compose import build, check_target, compose, conf_dir, group_option
+from .compose import build, check_target, compose, conf_dir, config_groups, group_option
 from .plan import Counts, RunPlan, derive_counts, plan_run, validate
 from .schema import TinyModelConfig
 
-__all__ = ["Counts", "RunPlan", "TinyModelConfig", "build", "check_target", "compose", "conf_dir", "derive_counts",
-           "group_option", "plan_run", "validate"]
+__all__ = ["Counts", "RunPlan", "TinyModelConfig", "build", "check_target", "compose", "conf_dir", "config_groups",
+           "derive_counts", "group_option", "plan_run", "validate"]

@@ -30,6 +30,15 @@ def conf_dir() -> Path:
     return Path(str(resources.files("ddpo_cli.conf")))
 
 
+LAUNCH_CONFIGS = "accelerate"  # conf/accelerate/: `accelerate launch --config_file` files, not a Hydra group
+
+
+def config_groups() -> list[str]:
+    """The Hydra config groups of the tree (model, reward, algo, ...)."""
+    return sorted(p.name for p in conf_dir().iterdir()
+                  if p.is_dir() and not p.name.startswith(("_", ".")) and p.name != LAUNCH_CONFIGS)
+
+
 def compose(config_name: str, overrides: list[str], config_dir: Path | None = None,
             return_hydra_config: bool = False) -> DictConfig:
     """Compose the config as Hydra would (no run directory); ``config_dir`` is a user's extra config folder

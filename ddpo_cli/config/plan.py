@@ -35,7 +35,7 @@ class Counts:
                        samples_per_epoch=self.samples_per_process * num_processes)
 
     def as_rows(self) -> list[tuple[str, str]]:
-        return [("processes", str(self.num_processes)), ("samples / epoch", str(self.samples_per_epoch)),
+        return [("samples / epoch", str(self.samples_per_epoch)),
                 ("trained timesteps / sample", f"{self.train_timesteps} of {len(self.trainable)} stochastic steps "
                                                f"{_ranges(self.trainable)} (window {self.window[0]}..{self.window[1] - 1})"),
                 ("updates / epoch", str(self.updates_per_epoch)),

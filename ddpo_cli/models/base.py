@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from huggingface_hub import save_torch_state_dict
 from omegaconf import DictConfig
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -39,7 +40,7 @@ class ModelFamily:
     denoiser_name: str = "unet"    # the pipeline component that is trained (unet | transformer)
 
     def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
-                 max_sequence_length: int | None = None) -> None:
+                 max_sequence_length: int | None = None, text_cache_mb: float | None = None) -> None:
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
         if max_sequence_length is not None:
             self.max_sequence_length = max_sequence_length  # T5 tokens of the flow families
@@ -47,7 +48,8 @@ class ModelFamily:
         if self.resolution % self.vae_scale_factor:
             raise UserError(f"model.resolution={self.resolution} is not a multiple of the VAE factor "
                             f"{self.vae_scale_factor}")
-        self._conditioning = TextFeatureCache(self.encode_uncached)
+        self._conditioning = TextFeatureCache(self.encode_uncached,
+                                              None if text_cache_mb is None else int(text_cache_mb * 2**20))
         self._negative: Conditioning | None = None
 
     # ------------------------------------------------------------------------------------------ parts
@@ -171,17 +173,18 @@ class ModelFamily:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ weights
-    def lora_state_dict(self, denoiser) -> dict[str, torch.Tensor]:
+    def lora_state_dict(self, denoiser, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The denoiser's LoRA weights as its pipeline's loader reads them, fp32 on the CPU (no component prefix):
         diffusers' UNet key names (``lora.down`` / ``lora.up``) for UNet families, peft's (``lora_A`` / ``lora_B``)
         for transformers (as diffusers' own SD3 / FLUX LoRA scripts write them; converting would rename only the
-        attention layers it knows from UNets, and a loader reading the mixed file drops those)."""
-        weights = get_peft_model_state_dict(denoiser)
+        attention layers it knows from UNets, and a loader reading the mixed file drops those). ``weights``: the
+        denoiser's parameters gathered whole from shards (:func:`ddpo_cli.distributed.whole_weights`)."""
+        weights = get_peft_model_state_dict(denoiser, state_dict=weights)
         if self.denoiser_name == "unet":
             weights = convert_state_dict_to_diffusers(weights)
         return {k: v.detach().float().cpu() for k, v in weights.items()}
 
-    def save_lora(self, denoiser, folder: Path) -> None:
+    def save_lora(self, denoiser, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
         """``folder/pytorch_lora_weights.safetensors`` as the family's pipeline writes it (and reads it back).
 
         The adapter settings go into the file's header as diffusers expects, limited to the LoraConfig fields that
@@ -191,7 +194,7 @@ class ModelFamily:
         config = denoiser.peft_config["default"].to_dict()
         metadata = {key: config[key] for key in PORTABLE_LORA_FIELDS if key in config}
         self.pipeline_class.save_lora_weights(folder, safe_serialization=True,
-                                              **{f"{name}_lora_layers": self.lora_state_dict(denoiser),
+                                              **{f"{name}_lora_layers": self.lora_state_dict(denoiser, weights),
                                                  f"{name}_lora_adapter_metadata": metadata})
 
     def load_lora(self, denoiser, folder: Path) -> None:
@@ -218,9 +221,14 @@ class ModelFamily:
                             f"{len(weights)} {self.denoiser_name} weights): use the same model and model.lora "
                             f"settings as the run that wrote it")
 
-    def save_full(self, denoiser, folder: Path) -> None:
-        """Full fine-tuning: the denoiser's own ``save_pretrained`` folder."""
-        denoiser.save_pretrained(Path(folder) / self.denoiser_name, safe_serialization=True)
+    def save_full(self, denoiser, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Full fine-tuning: a folder ``from_pretrained`` loads, as the denoiser's ``save_pretrained`` writes it (its
+        config, safetensors files of at most 10 GB with an index when there are several). ``weights``: the whole
+        state dict gathered from shards (default: the denoiser's own)."""
+        target = Path(folder) / self.denoiser_name
+        denoiser.save_config(target)
+        save_torch_state_dict(weights if weights is not None else denoiser.state_dict(), target,
+                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
 
     def load_full(self, denoiser, folder: Path) -> None:
         source = Path(folder) / self.denoiser_name

@@ -5,12 +5,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from ddpo_cli.cli import sweep_jobs
-from ddpo_cli.config import compose, conf_dir, derive_counts, validate
+from ddpo_cli.config import compose, conf_dir, config_groups, derive_counts, validate
 from ddpo_cli.errors import UserError
 
 CONF = conf_dir()
-GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if group.is_dir()
-                 for option in sorted(group.rglob("*.yaml")) if group.name != "experiment"]
+GROUP_OPTIONS = [(group, option.stem) for group in config_groups() if group != "experiment"
+                 for option in sorted((CONF / group).rglob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").rglob("*.yaml"))
 DATA = Path(__file__).resolve().parents[1] / "data"
 NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompts", "from_list"): ["prompts.prompts=[a cat]"],
@@ -119,9 +119,14 @@ def test_sweep_expansion():
     assert len(jobs) == 6 and ["algo=ddpo_sf", "seed=2"] in jobs
 
 
-def test_conf_ships_inside_the_wheel_config():
-    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
-    assert '"ddpo_cli.conf" = "conf"' in text and (CONF / "train.yaml").exists()
+def test_the_wheel_ships_every_package_and_conf():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    repo = Path(__file__).resolve().parents[2]
+    setup = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {".".join(p.relative_to(repo).parts[:-1]) for p in (repo / "ddpo_cli").rglob("__init__.py")}
+    assert packages <= set(setup["packages"]), f"not in pyproject's packages: {packages - set(setup['packages'])}"
+    assert setup["package-dir"]["ddpo_cli.conf"] == "conf" and (CONF / "train.yaml").exists()
+    assert "*/*.yaml" in setup["package-data"]["ddpo_cli.conf"]  # the config groups and conf/accelerate/
 
 
 def test_a_sliding_window_must_keep_a_trained_step_at_every_position():
