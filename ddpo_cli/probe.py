@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .models import adapters_disabled
+from .rewards.base import score_in_batches
 from .report import warn
 from .rollout import images_from_seeds
 from .runtime import derive_seed
@@ -78,21 +79,6 @@ def probe_images(model, sampler, denoiser, probe: Probe, guidance: float, batch_
     return torch.cat([images_from_seeds(model, sampler, denoiser, probe.prompts[i:i + batch_size],
                                         probe.seeds[i:i + batch_size], guidance, device).cpu()
                       for i in range(0, len(probe), batch_size)])
-
-
-def score_in_batches(reward_fn, images: torch.Tensor, prompts: list[str], metadata: list[dict],
-                     batch_size: int) -> tuple[list[float], dict[str, list]]:
-    """Rewards ``[N]`` (a list) and every reward-info column of ``images [N,3,H,W]``, in batches of ``batch_size``
-    (``ddpo sample`` / ``ddpo eval`` score their images with it too)."""
-    values, info = [], {}
-    for first in range(0, len(prompts), batch_size):
-        rewards, extra = reward_fn(images[first:first + batch_size].to(reward_fn.device),
-                                   prompts[first:first + batch_size],
-                                   metadata[first:first + batch_size])
-        values += rewards.detach().float().cpu().tolist()
-        for key, value in extra.items():
-            info.setdefault(key, []).extend(value.tolist() if torch.is_tensor(value) else list(value))
-    return values, info
 
 
 def probe_scores(reward_fn, images: torch.Tensor, probe: Probe, batch_size: int) -> dict[str, np.ndarray]:

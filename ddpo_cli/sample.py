@@ -24,7 +24,7 @@ from .report import console
 from .config import build
 from .images import to_uint8_hwc
 from .models import load_model, set_lora_scale
-from .probe import score_in_batches
+from .rewards.base import score_in_batches
 from .prompts.run_files import load_run_set
 from .rollout import images_from_seeds
 from .runs import resolve_checkpoint

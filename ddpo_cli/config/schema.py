@@ -58,6 +58,8 @@ class ModelConfig:
     max_sequence_length: Optional[int] = None  # SD3 / FLUX: T5 tokens per prompt (zeros without a T5); None = the
     # pipeline's default (SD3 256, FLUX 512). SD3 without a T5 on diffusers < 0.36: the pipeline pads with the CLIP
     # length instead, whatever this says (the family follows the installed pipeline)
+    text_cache_mb: Optional[float] = 1024  # bound on the cached prompt conditionings, on the model's device (least
+    # recently used dropped; with T5 one prompt takes ~2.7 MB); null = no bound
 
 
 @dataclass
@@ -216,9 +218,33 @@ class EvalConfig(GenerateConfig):
     overopt_threshold: float = 1.0    # a change counts when |mean| > threshold x its paired standard error
 
 
+@dataclass
+class RewardServerConfig:
+    host: str = "127.0.0.1"           # 0.0.0.0 to serve other machines
+    port: int = 8100
+    accelerator: str = "auto"         # auto | cpu | cuda
+    devices: Any = "auto"             # GPUs to use (one reward model each), or auto (all; 1 on a CPU)
+    workers_per_device: int = 1       # reward model instances per device
+    max_batch_requests: int = 8       # requests merged into one scoring call (dynamic batching)
+    batch_timeout: float = 0.01       # seconds a scoring call waits for more requests to merge
+    batch_size: int = 32              # images per reward forward pass
+    max_images_per_request: int = 256
+    max_request_mb: float = 64.0      # a larger request body is refused (HTTP 413)
+    max_pending: int = 64             # requests in flight at once; more are refused with HTTP 503 (clients retry)
+    timeout: float = 300.0            # seconds a request may wait and run before HTTP 504
+
+
+@dataclass
+class ServeRewardConfig:
+    reward: Any = MISSING
+    server: RewardServerConfig = field(default_factory=RewardServerConfig)
+    threads: Optional[int] = None     # torch CPU threads of each worker; None = torch default
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
+    store.store(name="serve_reward_schema", node=ServeRewardConfig)
     store.store(name="sample_schema", node=SampleConfig)
     store.store(name="eval_schema", node=EvalConfig)
 

@@ -114,3 +114,18 @@ class FunctionReward(Reward):
             raise UserError(f"reward {self.name} returned {type(rewards).__name__} (info {type(info).__name__}): a "
                             f"custom reward returns one number per image, or (numbers, info dict)") from None
         return rewards, info
+
+
+def score_in_batches(reward_fn, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+                     batch_size: int) -> tuple[list[float], dict[str, list]]:
+    """Rewards ``[N]`` (a list) and every reward-info column of ``images [N,3,H,W]``, in batches of ``batch_size``
+    (the paired measure, ``ddpo sample``, ``ddpo eval`` and the reward server score with it)."""
+    values, info = [], {}
+    for first in range(0, len(prompts), batch_size):
+        rewards, extra = reward_fn(images[first:first + batch_size].to(reward_fn.device),
+                                   prompts[first:first + batch_size],
+                                   metadata[first:first + batch_size])
+        values += rewards.detach().float().cpu().tolist()
+        for key, value in extra.items():
+            info.setdefault(key, []).extend(value.tolist() if torch.is_tensor(value) else list(value))
+    return values, info
