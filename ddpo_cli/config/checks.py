@@ -63,6 +63,8 @@ def check_model(model: DictConfig) -> None:
             "model.pretrained is empty: give a hub id or a local pipeline folder (or use model=tiny)")
     require(model.resolution is None or model.resolution > 0,
             f"model.resolution={model.resolution}: use a positive number of pixels, or null for the native size")
+    require(model.text_cache_mb is None or model.text_cache_mb >= 0,
+            f"model.text_cache_mb={model.text_cache_mb}: use >= 0 MB, or null for no bound")
     lora = model.lora
     require(lora.rank >= 1, f"model.lora.rank={lora.rank}: use >= 1 (or model.use_lora=false)")
     require(lora.alpha > 0, f"model.lora.alpha={lora.alpha}: must be > 0")

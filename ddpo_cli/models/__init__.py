@@ -127,7 +127,8 @@ def load_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
     from ``lora_seed``: the same on every process) or make the denoiser trainable, and move it to ``device``."""
     cls = family_class(model_cfg.family)
     pipe = load_pipeline(cls, resolve_model_path(model_cfg), model_cfg, dtype)
-    model = cls(pipe, device, dtype, model_cfg.resolution, model_cfg.max_sequence_length)
+    model = cls(pipe, device, dtype, model_cfg.resolution, model_cfg.max_sequence_length,
+                text_cache_mb=model_cfg.text_cache_mb)
     if lora_seed is not None:
         set_seed(lora_seed)  # after loading (building a tiny model draws numbers): same LoRA init on every rank
     model.prepare(model_cfg)
