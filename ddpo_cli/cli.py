@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cluster import RELAUNCHED, relaunch_if_multi_gpu
 from .config import compose, conf_dir, config_groups, plan_run
 from .config.checks import validate_eval, validate_sample
 from .config.compose import config_error_line, prepare_args
@@ -120,6 +121,7 @@ def claim_train_folder(overrides: list[str], multirun: bool, plan, config_dir: P
     if explicit is not None:
         folder = Path(explicit).expanduser().resolve()
         own_run = resume is not None and folder == run_dir_of(resume).resolve()
+        own_run = own_run or folder == Path(os.environ.get(RELAUNCHED, "/nonexistent")).resolve()  # a sweep job
         if first_process and not own_run and holds_a_run(folder):
             raise UserError(f"{key}={explicit} already holds a run: continue it with resume={explicit}, or choose "
                             f"an empty or new folder")
@@ -177,6 +179,8 @@ def train_task(cfg, plan) -> None:
     one for exactly this config."""
     from .trainer import Trainer  # torch and diffusers load only when a job runs, not for `ddpo ls` or `--help`
 
+    if relaunch_if_multi_gpu(cfg, HydraConfig.get()):  # a sweep job asking for several GPUs ran as accelerate launch
+        return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer = None
     try:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 # "x" stands for the module x.py or the package x/ with everything in it.
 LAYERS = [
     {"__main__", "cli"},
-    {"sample", "evaluate", "sweep", "trainer", "reward_server"},
+    {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster"},
     {"checkpoint", "probe", "rollout", "report", "guards", "books", "distributed"},
     {"config"},
     {"algorithms", "rewards", "prompts", "clients", "advantages",

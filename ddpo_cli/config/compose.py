@@ -34,9 +34,10 @@ LAUNCH_CONFIGS = "accelerate"  # conf/accelerate/: `accelerate launch --config_f
 
 
 def config_groups() -> list[str]:
-    """The Hydra config groups of the tree (model, reward, algo, ...)."""
+    """ddpo's config groups (model, reward, algo, ...): not conf/accelerate/, nor conf/hydra/ (Hydra's own groups,
+    e.g. the launcher presets)."""
     return sorted(p.name for p in conf_dir().iterdir()
-                  if p.is_dir() and not p.name.startswith(("_", ".")) and p.name != LAUNCH_CONFIGS)
+                  if p.is_dir() and not p.name.startswith(("_", ".")) and p.name not in (LAUNCH_CONFIGS, "hydra"))
 
 
 def compose(config_name: str, overrides: list[str], config_dir: Path | None = None,
@@ -72,6 +73,8 @@ def config_error_line(exc: BaseException) -> str:
     full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
     if full_key in RENAMED:
         return f"{full_key} is now {RENAMED[full_key]}: write {RENAMED[full_key]}=<value> instead"
+    if "hydra/launcher/submitit" in head:
+        return "the submitit launchers need hydra-submitit-launcher: pip install 'ddpo-cli[cluster]'"
     hint = "see the options with `ddpo ls` and the keys with `ddpo train --cfg job`"
     return f"invalid config: {head}{f' (key: {full_key})' if full_key else ''}; {hint}"
 

@@ -179,6 +179,8 @@ class RunConfig:
     precision: str = "auto"       # auto | no | fp16 | bf16 (auto: bf16 or fp16 on CUDA, fp32 on CPU; bf16 also on CPUs
     # with bf16 units). LoRA weights, the optimizer and the sampler maths stay fp32
     threads: Optional[int] = None  # torch CPU threads; None = torch default
+    accelerate_config: str = "multi_gpu"  # a sweep job whose launcher asks for several GPUs runs as an accelerate
+    # launch with this conf/accelerate/ file (multi_gpu | fsdp2) or .yaml path (ddpo_cli/cluster.py)
 
 
 @dataclass
