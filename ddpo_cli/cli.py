@@ -283,6 +283,25 @@ def eval_task(cfg, _) -> None:
     run(cfg)
 
 
+@app.command("plan", **HYDRA_ARGS)
+def plan(ctx: typer.Context,
+         gpus: int = typer.Option(1, help="GPUs the run will use (processes)"),
+         strategy: str = typer.Option("ddp", help="ddp (weights on every GPU) or fsdp2 (denoiser sharded)"),
+         benchmark: Path = typer.Option(None, help="a scripts/benchmark.py result on the target GPU: seconds/epoch")) \
+        -> None:
+    """Size a training run without running it: parameters per module, memory per GPU, work per epoch.
+
+    Takes the same overrides as `ddpo train`: `ddpo plan model=flux_dev sampler=flow_sde --gpus 8 --strategy fsdp2`.
+    Real models are built on the meta device from their configs (no download, no memory)."""
+    try:
+        cfg = compose("train", list(ctx.args))
+        from .planner import plan_task  # torch and diffusers load only when a plan is made
+
+        plan_task(cfg, gpus, strategy, benchmark)
+    except UserError as exc:
+        fail(str(exc))
+
+
 @app.command("serve-reward", **HYDRA_ARGS)
 def serve_reward(ctx: typer.Context,
                  host: str = typer.Option(None, help="Address to listen on (server.host; 0.0.0.0: all)"),

@@ -45,14 +45,16 @@ class UNetCounter:
     """Counts UNet forward calls and the batch items they process."""
 
     def __init__(self, unet) -> None:
-        self.calls = self.items = 0
+        self.calls = self.items = self.items_with_graph = 0
         unet.register_forward_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs, output) -> None:
-        """The batch of the latents input (positional for the UNet, ``hidden_states=`` for the transformers)."""
+        """The batch of the latents input (positional for the UNet, ``hidden_states=`` for the transformers); items
+        with a graph are training's (forward and backward), the others sampling's and the base model's."""
         latents = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         self.calls += 1
         self.items += int(latents.shape[0])
+        self.items_with_graph += int(latents.shape[0]) if torch.is_grad_enabled() else 0
 
 
 def main() -> None:
@@ -98,6 +100,10 @@ def main() -> None:
         "unet_calls_per_second": round(counter.calls / wall, 2),
         "unet_items_per_second": round(counter.items / wall, 2),
         "unet_calls_per_epoch": counter.calls // len(rows),
+        # what `ddpo plan --benchmark` reads: denoiser batch items per second without a graph, and with one
+        "sample_items_per_second": round((counter.items - counter.items_with_graph) / len(rows)
+                                         / mean("sample_seconds"), 2),
+        "train_items_per_second": round(counter.items_with_graph / len(rows) / mean("train_seconds"), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "overrides": args.overrides,

@@ -10,13 +10,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 # "x" stands for the module x.py or the package x/ with everything in it.
 LAYERS = [
     {"__main__", "cli"},
-    {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster"},
+    {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster", "planner"},
     {"checkpoint", "probe", "rollout", "report", "guards", "books", "distributed"},
     {"config"},
     {"algorithms", "rewards", "prompts", "clients", "advantages",
      "toyworld"},
     {"models", "samplers", "noise"},
-    {"runs", "runtime", "schedules", "stats", "images", "text_features"},
+    {"runs", "runtime", "schedules", "stats", "images", "text_features", "memory"},
     {"errors"},
 ]
 

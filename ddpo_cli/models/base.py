@@ -79,6 +79,16 @@ class ModelFamily:
         side = self.resolution // self.vae_scale_factor
         return (self.denoiser.config.in_channels, side, side)
 
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one prompt's conditioning, per :class:`Conditioning` field, read from the denoiser's config
+        (``ddpo plan`` sizes the conditioning cache and builds inputs with it, without tokenizers)."""
+        raise NotImplementedError
+
+    def example_conditioning(self, n: int) -> Conditioning:
+        """Empty conditioning of ``n`` prompts on the model's device (``ddpo plan`` runs the denoiser on it)."""
+        return Conditioning(**{name: torch.empty(n, *shape, device=self.device, dtype=self.dtype)
+                               for name, shape in self.conditioning_shapes().items()})
+
     # ------------------------------------------------------------------------------------------ set-up
     def prepare(self, model_cfg: DictConfig) -> list[torch.nn.Parameter]:
         """Freeze every component, store frozen weights in the compute dtype, add LoRA (fp32) to the denoiser or

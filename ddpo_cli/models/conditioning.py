@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+CLIP_TOKENS = 77  # every CLIP tokenizer's model_max_length
+
 
 @dataclass
 class Conditioning:

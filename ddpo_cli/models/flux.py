@@ -60,6 +60,11 @@ class Flux(ModelFamily):
             return {"sigmas": sigmas, "mu": shift_mu(self.scheduler_config, (h // 2) * (w // 2))}
         return {"sigmas": sigmas}
 
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        config = self.denoiser.config
+        return {"embeds": (self.max_sequence_length, config.joint_attention_dim),
+                "pooled": (config.pooled_projection_dim,)}
+
     def encode_uncached(self, prompts: list[str]) -> Conditioning:
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)

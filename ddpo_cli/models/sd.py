@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .base import ModelFamily
-from .conditioning import Conditioning
+from .conditioning import CLIP_TOKENS, Conditioning
 
 
 class StableDiffusion(ModelFamily):
@@ -14,6 +14,9 @@ class StableDiffusion(ModelFamily):
     pipeline_class = StableDiffusionPipeline
     denoiser_name = "unet"
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"embeds": (CLIP_TOKENS, self.denoiser.config.cross_attention_dim)}
 
     def encode_uncached(self, prompts: list[str]) -> Conditioning:
         """Token ids padded to the tokenizer's max length -> the text encoder's last hidden state ``[N, L, D]``."""

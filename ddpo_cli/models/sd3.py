@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from .base import ModelFamily
-from .conditioning import Conditioning
+from .conditioning import CLIP_TOKENS, Conditioning
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
@@ -49,6 +49,12 @@ class StableDiffusion3(ModelFamily):
         if self.scheduler_config.get("use_dynamic_shifting"):
             return {"num_inference_steps": num_steps, "mu": shift_mu(self.scheduler_config, self.image_seq_len())}
         return {"num_inference_steps": num_steps}
+
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        """CLIP tokens, then the T5 tokens, at the joint attention width."""
+        config = self.denoiser.config
+        return {"embeds": (CLIP_TOKENS + self.max_sequence_length, config.joint_attention_dim),
+                "pooled": (config.pooled_projection_dim,)}
 
     def encode_uncached(self, prompts: list[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,

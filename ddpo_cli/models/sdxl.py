@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .base import ModelFamily
-from .conditioning import Conditioning
+from .conditioning import CLIP_TOKENS, Conditioning
 
 
 class StableDiffusionXL(ModelFamily):
@@ -28,6 +28,12 @@ class StableDiffusionXL(ModelFamily):
         """``[n, 6]``: original size, crop top-left, target size."""
         side = float(self.resolution)
         return torch.tensor([[side, side, 0.0, 0.0, side, side]], device=self.device).expand(n, 6)
+
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Pooled width: the added-embedding input less the six time ids' embeddings."""
+        config = self.denoiser.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {"embeds": (CLIP_TOKENS, config.cross_attention_dim), "pooled": (pooled,), "ids": (6,)}
 
     def encode_uncached(self, prompts: list[str]) -> Conditioning:
         pipe, hidden, pooled = self.pipe, [], None

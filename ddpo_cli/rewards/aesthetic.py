@@ -18,7 +18,7 @@ from torch import nn
 from ..images import to_uint8_hwc
 from ..errors import UserError, brief, loading
 from .base import Reward
-from .clip import load_open_clip, preprocess_cfg, clip_pixels
+from .clip import clip_pixels, load_open_clip, open_clip_parameters, preprocess_cfg
 
 
 class AestheticMLP(nn.Module):
@@ -108,6 +108,13 @@ class Aesthetic(Reward):
         self.clip, self.pil_preprocess, _ = load_open_clip(self.model_name, self.pretrained, self.device, self.dtype)
         self.cfg = preprocess_cfg(self.clip)
         self.mlp = self.mlp.to(self.device).eval().requires_grad_(False)  # float32: tiny, and keeps scores exact
+
+    def model_parameters(self) -> int | None:
+        """CLIP and the MLP on ViT-L/14's 768-dim embeddings (the LAION predictor's)."""
+        clip = open_clip_parameters(self.model_name)
+        with torch.device("meta"):
+            mlp = sum(p.numel() for p in AestheticMLP(input_dim=768).parameters())
+        return None if clip is None else clip + mlp
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> ``[B,3,224,224]`` CLIP input, by the configured path."""

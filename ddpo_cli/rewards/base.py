@@ -49,6 +49,11 @@ class Reward:
     def load(self) -> None:
         """Override to load models (onto ``self.device`` / ``self.dtype``)."""
 
+    def model_parameters(self) -> int | None:
+        """Parameters of the model ``load`` would load, counted without loading it (``ddpo plan``): 0 for a reward
+        without a model, None when it cannot be known here."""
+        return 0 if type(self).load is Reward.load else None
+
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 

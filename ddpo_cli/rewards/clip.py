@@ -36,6 +36,19 @@ def load_open_clip(model_name: str, pretrained: str | None, device: torch.device
     return model, preprocess, tokenizer
 
 
+def open_clip_parameters(model_name: str) -> int | None:
+    """Parameters of an open_clip architecture, built on the meta device (None for a name open_clip does not
+    know, e.g. ``local-dir:``)."""
+    import open_clip
+
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(model_name, pretrained=None, device="meta")
+    except (RuntimeError, ValueError, OSError):
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def preprocess_cfg(model) -> dict:
     """open_clip's preprocessing settings of ``model``: size, mean, std, interpolation, resize_mode."""
     import open_clip
@@ -81,6 +94,9 @@ class _OpenClipReward(Reward):
             self.model_name, self.pretrained, self.device, self.dtype)
         self.cfg = preprocess_cfg(self.model)
         self.text_cache.clear()
+
+    def model_parameters(self) -> int | None:
+        return open_clip_parameters(self.model_name)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> ``[B,D]`` L2-normalised float32 embeddings (differentiable)."""

@@ -62,6 +62,9 @@ class RemoteReward(Reward):
         low, high = served.get("output_range", [None, None])
         self.output_range = (low, high)
 
+    def model_parameters(self) -> int:
+        return 0  # the model is on the server
+
     def server_info(self) -> dict:
         error = None
         for attempt in range(self.client.max_retries + 1):
