@@ -1,6 +1,6 @@
 """Per-GPU memory of a training run, term by term (``ddpo plan``). The formula, in bytes:
 
-    frozen weights   = frozen denoiser x b / S  +  (text encoders + VAE) x b  +  reward model x 4
+    frozen weights   = frozen denoiser x b / S  +  (text encoders + VAE) x b  +  reward model x 4  +  buffers
     trainable weights = trainable x 4 / S
     gradients        = trainable x 4 / S
     optimizer state  = trainable x 8 / S                 (AdamW: two fp32 moments per parameter)
@@ -10,7 +10,8 @@
 
 ``b`` is the bytes of a frozen weight in the run's precision (4 for fp32, 2 for bf16 / fp16), ``S`` the number of
 processes the denoiser is sharded over (FSDP2; 1 under DDP). Trainable parameters, their gradients and AdamW's
-moments are fp32 (LoRA, or a fully trained denoiser). Not counted: the CUDA context and allocator slack (about
+moments are fp32 (LoRA, or a fully trained denoiser). Buffers (e.g. SD3's positional embedding table, 0.4 GiB in
+bf16) are whole on every GPU. Not counted: the CUDA context and allocator slack (about
 0.5-1 GB per GPU), sampling's transient activations (no graph is kept, so they are smaller than training's), and
 the VAE decode of a sampling batch.
 """
@@ -27,6 +28,7 @@ class MemoryInputs:
     trainable: int                # parameters
     encoders_and_vae: int         # parameters (whole on every GPU)
     reward: int                   # parameters (fp32, whole on every GPU)
+    buffer_bytes: int             # the pipeline's buffers (whole on every GPU)
     weight_bytes: int             # bytes per frozen weight: 4, or 2 for bf16 / fp16
     shards: int                   # processes the denoiser is sharded over (1: not sharded)
     largest_block: int            # parameters of the largest sharded block (gathered whole while it runs)
@@ -38,7 +40,7 @@ def memory_terms(m: MemoryInputs) -> dict[str, float]:
     """Bytes per GPU of each term of the formula (module docstring), and ``total``."""
     terms = {
         "frozen weights": m.frozen_denoiser * m.weight_bytes / m.shards + m.encoders_and_vae * m.weight_bytes
-        + m.reward * 4,
+        + m.reward * 4 + m.buffer_bytes,
         "trainable weights": m.trainable * 4 / m.shards,
         "gradients": m.trainable * 4 / m.shards,
         "optimizer state": m.trainable * 8 / m.shards,

@@ -24,12 +24,13 @@ STRATEGIES = ("ddp", "fsdp2")
 
 def component_rows(model) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """One row per pipeline module (trainable / frozen parameters); the counts by role."""
-    rows, counts = [], {"trainable": 0, "frozen_denoiser": 0, "encoders_and_vae": 0}
+    rows, counts = [], {"trainable": 0, "frozen_denoiser": 0, "encoders_and_vae": 0, "buffer_bytes": 0}
     for name, module in model.pipe.components.items():
         if not isinstance(module, torch.nn.Module):
             continue
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        counts["buffer_bytes"] += sum(b.numel() * b.element_size() for b in module.buffers())
         rows.append((f"  {name} ({type(module).__name__})", f"{trainable:,} trainable, {frozen:,} frozen"))
         if module is model.denoiser:
             counts["trainable"], counts["frozen_denoiser"] = trainable, frozen
@@ -104,8 +105,8 @@ def plan_task(cfg: DictConfig, gpus: int, strategy: str, benchmark: Path | None)
     per_prompt = sum(torch.Size(shape).numel() for shape in model.conditioning_shapes().values()) * weight_bytes
     shards = gpus if strategy == "fsdp2" else 1
     terms = memory_terms(MemoryInputs(
-        counts["frozen_denoiser"], counts["trainable"], counts["encoders_and_vae"], reward_parameters, weight_bytes,
-        shards, largest_block(model.denoiser), activations,
+        counts["frozen_denoiser"], counts["trainable"], counts["encoders_and_vae"], reward_parameters,
+        counts["buffer_bytes"], weight_bytes, shards, largest_block(model.denoiser), activations,
         cache_bytes(len(run_plan.prompts), per_prompt, cfg.model.text_cache_mb)))
     items = epoch_items(cfg, run_plan, items_per_chunk // chunk)
     lora = f"LoRA rank {cfg.model.lora.rank}" if cfg.model.use_lora else "full fine-tuning"

@@ -11,12 +11,12 @@ from ddpo_cli.models.meta import meta_model, training_activations
 
 
 def test_the_memory_formula_by_hand():
-    m = MemoryInputs(frozen_denoiser=1000, trainable=10, encoders_and_vae=100, reward=5, weight_bytes=2, shards=2,
-                     largest_block=50, activation_bytes=64, cache_bytes=8)
-    assert memory_terms(m) == {"frozen weights": 1000 * 2 / 2 + 100 * 2 + 5 * 4, "trainable weights": 20,
+    m = MemoryInputs(frozen_denoiser=1000, trainable=10, encoders_and_vae=100, reward=5, buffer_bytes=6,
+                     weight_bytes=2, shards=2, largest_block=50, activation_bytes=64, cache_bytes=8)
+    assert memory_terms(m) == {"frozen weights": 1000 * 2 / 2 + 100 * 2 + 5 * 4 + 6, "trainable weights": 20,
                                "gradients": 20, "optimizer state": 40, "gathered block": 100, "activations": 64,
-                               "conditioning cache": 8, "total": 1220 + 20 + 20 + 40 + 100 + 64 + 8}
-    unsharded = memory_terms(MemoryInputs(1000, 10, 100, 5, 2, 1, 50, 64, 8))
+                               "conditioning cache": 8, "total": 1226 + 20 + 20 + 40 + 100 + 64 + 8}
+    unsharded = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 50, 64, 8))
     assert unsharded["gathered block"] == 0 and unsharded["optimizer state"] == 80
     assert cache_bytes(prompts=9, bytes_per_prompt=2 ** 20, bound_mb=None) == 10 * 2 ** 20  # + the empty prompt
     assert cache_bytes(prompts=9, bytes_per_prompt=2 ** 20, bound_mb=4) == 4 * 2 ** 20
