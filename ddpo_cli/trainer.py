@@ -326,7 +326,9 @@ class Trainer:
         """Reward backprop (AlignProp / DRaFT): generate with the graph kept, loss = f(reward), backward, step."""
         cfg = self.cfg
         rng, generator = epoch_randomness(cfg.seed, epoch, self.accelerator.process_index, self.device)
-        truncation_rng = random.Random(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "truncation"))
+        # the same steps keep their gradient on every process: sharded weights are gathered in every forward and
+        # backward of a kept step, so all processes must run the same ones (under FSDP2 others crash gloo / NCCL)
+        truncation_rng = random.Random(derive_seed(cfg.seed, epoch, "truncation"))
         accumulation = cfg.train.gradient_accumulation_steps
         n_micro = self.counts.samples_per_process // cfg.train.batch_size
         books, totals, start = EpochBooks(cfg.log.grid_images), {}, time.perf_counter()

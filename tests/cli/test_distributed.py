@@ -157,3 +157,15 @@ def test_full_fine_tuning_under_fsdp2_from_the_command_line(tmp_path, cache_dir)
     first = load_file(final / "diffusion_pytorch_model.safetensors")
     train(f"resume={run_dir / 'checkpoints' / 'epoch_0000'}")
     assert_same(load_file(final / "diffusion_pytorch_model.safetensors"), first)
+
+
+def test_reward_backprop_with_random_truncation_runs_sharded(tmp_path, cache_dir):
+    """AlignProp keeps a random step's gradient per micro-batch: every process must keep the same one, or the
+    sharded forward and backward passes stop matching (gloo aborted with a collective mismatch before)."""
+    run_dir = tmp_path / "alignprop"
+    command = [str(ACCELERATE), "launch", "--config_file", str(REPO / "conf" / "accelerate" / "fsdp2.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "ddpo_cli", "train",
+               *ARGS, "algo=alignprop", "reward=custom", "train.num_epochs=1", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, env=environment(cache_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(run_dir)[0]["loss"] < 0  # -reward, trained through the chain
