@@ -27,7 +27,7 @@ def env_flag(name: str) -> bool:
 
 def make_accelerator(precision: str, cpu: bool, project_dir: str, log_with: str | None) -> Accelerator:
     """The run's Accelerator, with the strategy its launch config asked for; UserError for one that cannot run."""
-    refuse_unsupported_launch(cpu)
+    refuse_unsupported_launch()
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, project_dir=project_dir, log_with=log_with)
     if env_flag("ACCELERATE_USE_FSDP") and accelerator.distributed_type == DistributedType.MULTI_CPU:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch config's env
@@ -36,22 +36,35 @@ def make_accelerator(precision: str, cpu: bool, project_dir: str, log_with: str 
     return accelerator
 
 
-def refuse_unsupported_launch(cpu: bool) -> None:
-    """FSDP1 and DeepSpeed on CPUs are refused before any process group exists."""
+def accelerate_has_fsdp2() -> bool:
+    """Whether the installed accelerate knows FSDP2 (its FSDP plugin takes ``fsdp_version``)."""
+    import dataclasses
+
+    return "fsdp_version" in {f.name for f in dataclasses.fields(FullyShardedDataParallelPlugin)}
+
+
+def refuse_unsupported_launch() -> None:
+    """FSDP1, FSDP2 on an accelerate without it, and DeepSpeed are refused before any process group exists."""
+    if env_flag("ACCELERATE_USE_FSDP") and not accelerate_has_fsdp2():
+        import accelerate
+
+        raise UserError(f"FSDP2 needs a newer accelerate than {accelerate.__version__} (its FSDP plugin has no "
+                        f"fsdp_version): pip install -U accelerate")
     if env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("this launch config asks for FSDP version 1: ddpo-cli shards with FSDP2; set "
                         "fsdp_config.fsdp_version: 2 (conf/accelerate/fsdp2.yaml)")
-    if env_flag("ACCELERATE_USE_DEEPSPEED") and (cpu or not torch.cuda.is_available()):
-        raise UserError("DeepSpeed needs CUDA GPUs and this process has none: on CPUs launch with "
-                        "conf/accelerate/fsdp2.yaml or multi_cpu.yaml")
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
+        # accelerate's DeepSpeed engine steps the optimizer inside backward(); an update of ddpo train is several
+        # backward passes (chunks of pairs) and one step, and its checkpoints gather torch optimizer state
+        raise UserError("ddpo train does not run under DeepSpeed: launch with conf/accelerate/fsdp2.yaml, which "
+                        "shards weights, gradients and optimizer state as ZeRO-3 does")
 
 
 def strategy(accelerator: Accelerator) -> str:
     """``"FSDP2 (denoiser fully sharded), 2 processes on 1 machine"``: the startup table's line."""
     kind = accelerator.distributed_type
-    name = {DistributedType.FSDP: "FSDP2 (denoiser fully sharded)", DistributedType.DEEPSPEED:
-            f"DeepSpeed ZeRO-{getattr(accelerator.state.deepspeed_plugin, 'zero_stage', '?')}",
-            DistributedType.NO: "one process"}.get(kind, "DDP (weights replicated)")
+    name = {DistributedType.FSDP: "FSDP2 (denoiser fully sharded)", DistributedType.NO: "one process"}.get(
+        kind, "DDP (weights replicated)")
     machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     return name if kind == DistributedType.NO else \
         f"{name}, {accelerator.num_processes} processes on {machines} machine{'s' if machines > 1 else ''}"
@@ -60,7 +73,7 @@ def strategy(accelerator: Accelerator) -> str:
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the denoiser's weights are split over processes, so every process must run each of its forward
     passes (an all-gather) in step with the others."""
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
