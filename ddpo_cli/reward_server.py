@@ -14,6 +14,7 @@ retry), and ``/info`` naming the reward, its output range and whether it is diff
 import json
 import os
 import signal
+import socket
 from functools import partial
 
 import litserve as ls
@@ -139,9 +140,21 @@ def check_server(server: DictConfig) -> None:
         raise UserError("server.max_request_mb and server.timeout must be > 0, server.batch_timeout >= 0")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """UserError when another process listens on ``host:port`` (uvicorn would exit with code 3 and Errno 98)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"cannot serve on {host}:{port} ({error.strerror}): choose another --port, or stop what "
+                            f"listens there") from None
+
+
 def serve(cfg: DictConfig) -> None:
     """Build the reward once here (its settings are checked, nothing loads), then serve it until interrupted."""
     check_server(cfg.server)
+    check_port_free(cfg.server.host, cfg.server.port)
     reward = build(cfg.reward, "reward")
     server = OmegaConf.to_container(cfg.server, resolve=True)
     metadata = {"reward": reward.name, "output_range": list(reward.output_range),

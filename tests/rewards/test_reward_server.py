@@ -128,6 +128,21 @@ def test_requests_beyond_max_pending_get_503_at_once():
     asyncio.run(scenario())
 
 
+def test_a_taken_port_is_one_line():
+    pytest.importorskip("litserve")
+    import socket
+
+    from ddpo_cli.reward_server import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port} .*choose another --port"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
+
+
 def test_the_client_refuses_bad_settings_and_says_when_no_server_answers():
     with pytest.raises(UserError, match="reward.url='ftp://x'"):
         RemoteReward(url="ftp://x")
