@@ -16,7 +16,7 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
 
 from .errors import UserError
 
@@ -74,6 +74,17 @@ def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the denoiser's weights are split over processes, so every process must run each of its forward
     passes (an all-gather) in step with the others."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gathered_prompts(accelerator: Accelerator, prompts: list[str]) -> list[str]:
+    """Every process's prompts in rank order."""
+    return gather_object(prompts) if accelerator.num_processes > 1 else prompts
+
+
+def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the processes (one all-reduce for all of them)."""
+    reduced = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
+    return dict(zip(values, reduced.tolist()))
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

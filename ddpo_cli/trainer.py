@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
@@ -25,7 +24,7 @@ from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
-from .distributed import is_sharded, make_accelerator, strategy
+from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, strategy
 from .guards import check_gradient, check_rewards, check_weights
 from .models import adapters_disabled, load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
@@ -61,8 +60,7 @@ class Trainer:
         self.accelerator = make_accelerator(self.precision, device.type == "cpu", str(self.run_dir),
                                             None if cfg.log.tracker == "none" else cfg.log.tracker)
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
-        # sharded weights: every process runs each forward pass (the paired measure's too) in step with the others
-        self.sharded = is_sharded(self.accelerator)
+        self.sharded = is_sharded(self.accelerator)  # then every process runs every forward pass (the probe's too)
         if self.is_main:
             lock_run(self.run_dir)  # one writer per run folder
         set_tf32(self.device, cfg.model.allow_tf32)
@@ -194,12 +192,9 @@ class Trainer:
     def gathered_rewards(self, samples: EpochSamples, epoch: int) -> np.ndarray:
         """Every process's rewards ``[N]`` in rank order, checked (NaN / inf: ``train.nonfinite_rewards``)."""
         rewards = self.accelerator.gather(samples.rewards.detach().float()).cpu().numpy()
-        check_rewards(rewards, self.gathered_prompts(samples), self.reward_fn.name, epoch,
+        check_rewards(rewards, gathered_prompts(self.accelerator, samples.prompts), self.reward_fn.name, epoch,
                       self.cfg.train.nonfinite_rewards)
         return rewards
-
-    def gathered_prompts(self, samples: EpochSamples) -> list[str]:
-        return gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
 
     def training_targets(self, samples: EpochSamples, rewards: np.ndarray, epoch: int) -> torch.Tensor:
         """This rank's per-sample targets from everyone's rewards: the algorithm's weights, or advantages (permuted
@@ -208,8 +203,9 @@ class Trainer:
         if self.algo.targets == "weights":
             targets = self.algo.weights(rewards)
         else:
-            targets = compute_advantages(cfg.advantage.mode, rewards, self.gathered_prompts(samples), self.tracker,
-                                         cfg.sampler.group_size, cfg.sampler.antithetic)
+            prompts = gathered_prompts(self.accelerator, samples.prompts)
+            targets = compute_advantages(cfg.advantage.mode, rewards, prompts, self.tracker, cfg.sampler.group_size,
+                                         cfg.sampler.antithetic)
         if cfg.advantage.shuffle:
             targets = targets[np.random.default_rng(derive_seed(cfg.seed, epoch, "control")).permutation(targets.size)]
         n, rank = len(samples.prompts), self.accelerator.process_index
@@ -269,7 +265,7 @@ class Trainer:
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * r.numel() / n_pairs
         sums["grad_norm"] = self.optimizer_step()
-        return self.mean_over_processes(sums)
+        return mean_over_processes(self.accelerator, sums)
 
     def pair_tensors(self, samples: EpochSamples, targets: torch.Tensor, rows: torch.Tensor,
                      cols: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -308,10 +304,6 @@ class Trainer:
         self.global_step += 1
         return float(grad_norm)
 
-    def mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
-        reduced = self.accelerator.reduce(torch.tensor(list(values.values()), device=self.device), "mean")
-        return dict(zip(values, reduced.tolist()))
-
     def kl_reading(self, samples: EpochSamples) -> float | None:
         """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model)."""
         if not self.cfg.model.use_lora:
@@ -326,8 +318,7 @@ class Trainer:
         """Reward backprop (AlignProp / DRaFT): generate with the graph kept, loss = f(reward), backward, step."""
         cfg = self.cfg
         rng, generator = epoch_randomness(cfg.seed, epoch, self.accelerator.process_index, self.device)
-        # the same steps keep their gradient on every process: sharded weights are gathered in every forward and
-        # backward of a kept step, so all processes must run the same ones (under FSDP2 others crash gloo / NCCL)
+        # drawn alike on every process: under FSDP2 all must run the same sharded passes (else gloo / NCCL abort)
         truncation_rng = random.Random(derive_seed(cfg.seed, epoch, "truncation"))
         accumulation = cfg.train.gradient_accumulation_steps
         n_micro = self.counts.samples_per_process // cfg.train.batch_size
@@ -356,7 +347,7 @@ class Trainer:
             books.add(prompts, metadata, (rewards.detach(), info), images)
         samples, _ = books.close(self.device)
         timings = {"sample_seconds": 0.0, "reward_seconds": 0.0, "train_seconds": time.perf_counter() - start}
-        return samples, self.gathered_rewards(samples, epoch), self.mean_over_processes(totals), timings
+        return samples, self.gathered_rewards(samples, epoch), mean_over_processes(self.accelerator, totals), timings
 
     # ------------------------------------------------------------------------------------------------ outputs
     def log_epoch(self, epoch: int, row: dict, samples: EpochSamples) -> None:
@@ -379,9 +370,8 @@ class Trainer:
                                epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
 
     def resume(self, path: Path, state: dict, skipped: list[str]) -> Path | None:
-        """Continue from checkpoint ``path`` (its weights are loaded): optimizer, books and counters; returns where
-        later checkpoints of the run were moved, if any (resuming from an older one keeps what came after it in
-        ``superseded/``)."""
+        """Continue from checkpoint ``path`` (weights loaded): optimizer, books, counters. Returns where later
+        checkpoints of the run were moved, if any (an older one's successors go to ``superseded/``)."""
         checkpoint.restore_optimizer(self.unwrapped, self.optimizer, state, path)
         for line in skipped if self.is_main else []:
             console.print(f"[yellow]skipped an unreadable checkpoint: {escape(line)}[/]", highlight=False)
