@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .distributed import load_optimizer_state, whole_optimizer_state, whole_weights
+from .distributed import (load_deepspeed_state, load_optimizer_state, save_deepspeed_state, uses_deepspeed,
+                          whole_optimizer_state, whole_weights)
 from .errors import UserError, brief
 from .models import ModelFamily
 from .runs import STATE_FILE, checkpoint_dir, list_checkpoints, read_state
+
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed optimizer state, one file per process
 
 
 def write_weights(model: ModelFamily, denoiser, folder: Path, use_lora: bool,
@@ -31,15 +34,20 @@ def save(accelerator, model: ModelFamily, denoiser, optimizer, state: dict, run_
          use_lora: bool, keep_last: int | None) -> Path:
     """Write checkpoint ``epoch`` atomically on the main process; all processes gather and wait for it."""
     final = checkpoint_dir(run_dir, epoch)
+    staging = final.parent / f".{final.name}.tmp"
     unwrapped = accelerator.unwrap_model(denoiser)
     weights = whole_weights(unwrapped, trainable_only=use_lora)  # every process: the shards are gathered
-    optimizer_state = whole_optimizer_state(unwrapped, optimizer)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if uses_deepspeed(accelerator):  # each process writes its own shard of DeepSpeed's optimizer state
+        optimizer_state = save_deepspeed_state(denoiser, staging / DEEPSPEED_DIR, trainable_only=use_lora)
+    else:
+        optimizer_state = whole_optimizer_state(unwrapped, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        staging = final.parent / f".{final.name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
         try:
-            staging.mkdir(parents=True)
+            staging.mkdir(parents=True, exist_ok=True)
             write_weights(model, unwrapped, staging, use_lora, weights)
             torch.save({**state, "epoch": epoch, "optimizer": optimizer_state}, staging / STATE_FILE)
         except OSError as exc:  # a full disk or a folder made read-only: the earlier checkpoints stay as they were
@@ -96,10 +104,18 @@ def resume(model: ModelFamily, denoiser, requested: Path, use_lora: bool) -> tup
                     f"model and model.lora settings of the run that wrote it")
 
 
-def restore_optimizer(denoiser, optimizer, state: dict, path: Path) -> None:
-    """The optimizer state of checkpoint ``path`` into this process's optimizer (and its shard of it)."""
+def restore_optimizer(accelerator, denoiser, optimizer, state: dict, path: Path) -> None:
+    """The optimizer state of checkpoint ``path`` into this process's optimizer (and its shard of it);
+    ``denoiser`` as ``accelerator.prepare`` returned it."""
+    written_by_deepspeed = "deepspeed" in state["optimizer"]
+    if written_by_deepspeed != uses_deepspeed(accelerator):
+        how = "under DeepSpeed (conf/accelerate/deepspeed_zero*.yaml)" if written_by_deepspeed else "without DeepSpeed"
+        raise UserError(f"{path} was written {how}: resume it the same way, with as many processes")
     try:
-        load_optimizer_state(denoiser, optimizer, state["optimizer"])
+        if written_by_deepspeed:
+            load_deepspeed_state(denoiser, path / DEEPSPEED_DIR)
+        else:
+            load_optimizer_state(accelerator.unwrap_model(denoiser), optimizer, state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"the optimizer state of {path} does not fit this run ({brief(exc, 200)}): resume with the "
                         f"model, model.lora and train settings of the run that wrote it") from None

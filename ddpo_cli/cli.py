@@ -286,7 +286,8 @@ def eval_task(cfg, _) -> None:
 @app.command("plan", **HYDRA_ARGS)
 def plan(ctx: typer.Context,
          gpus: int = typer.Option(1, help="GPUs the run will use (processes)"),
-         strategy: str = typer.Option("ddp", help="ddp (weights on every GPU) or fsdp2 (denoiser sharded)"),
+         strategy: str = typer.Option("ddp", help="ddp (weights on every GPU), fsdp2 or zero3 (denoiser split), zero2 (gradients and "
+                                                     "optimizer state split)"),
          benchmark: Path = typer.Option(None, help="a scripts/benchmark.py result on the target GPU: seconds/epoch")) \
         -> None:
     """Size a training run without running it: parameters per module, memory per GPU, work per epoch.

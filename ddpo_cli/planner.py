@@ -19,7 +19,9 @@ from .models.meta import meta_model, training_activations
 from .report import console, startup_table
 from .runtime import PRECISIONS, WEIGHT_DTYPES, quiet_libraries
 
-STRATEGIES = ("ddp", "fsdp2")
+# what each --strategy splits over the GPUs: (weights, gradients and optimizer state, DeepSpeed's fp32 master copy)
+STRATEGIES = {"ddp": (False, False, False), "fsdp2": (True, True, False), "zero2": (False, True, True),
+              "zero3": (True, True, True)}
 
 
 def component_rows(model) -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -87,7 +89,7 @@ def reward_row(reward) -> tuple[tuple[str, str], int]:
 def plan_task(cfg: DictConfig, gpus: int, strategy: str, benchmark: Path | None) -> dict[str, float]:
     """Print the plan of ``cfg`` on ``gpus`` GPUs under ``strategy``; returns the memory terms (bytes per GPU)."""
     if strategy not in STRATEGIES:
-        raise UserError(f"--strategy {strategy}: choose {' or '.join(STRATEGIES)}")
+        raise UserError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: use >= 1")
     quiet_libraries()
@@ -103,10 +105,12 @@ def plan_task(cfg: DictConfig, gpus: int, strategy: str, benchmark: Path | None)
     activations, items_per_chunk = training_activations(
         model, chunk, cfg.sampler.guidance_scale if cfg.train.guidance_in_training else 1.0)
     per_prompt = sum(torch.Size(shape).numel() for shape in model.conditioning_shapes().values()) * weight_bytes
-    shards = gpus if strategy == "fsdp2" else 1
+    split_weights, split_state, master_copy = STRATEGIES[strategy]
+    shards = gpus if split_weights else 1
     terms = memory_terms(MemoryInputs(
         counts["frozen_denoiser"], counts["trainable"], counts["encoders_and_vae"], reward_parameters,
-        counts["buffer_bytes"], weight_bytes, shards, largest_block(model.denoiser), activations,
+        counts["buffer_bytes"], weight_bytes, shards, gpus if split_state else 1, master_copy,
+        largest_block(model.denoiser), activations,
         cache_bytes(len(run_plan.prompts), per_prompt, cfg.model.text_cache_mb)))
     items = epoch_items(cfg, run_plan, items_per_chunk // chunk)
     lora = f"LoRA rank {cfg.model.lora.rank}" if cfg.model.use_lora else "full fine-tuning"

@@ -10,7 +10,6 @@ import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
-from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, strategy
+from . import distributed
+from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step, strategy
 from .guards import check_gradient, check_rewards, check_weights
 from .models import adapters_disabled, load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
@@ -80,9 +80,10 @@ class Trainer:
         if plan.resume:  # weights into the whole model, before prepare shards it
             resumed = checkpoint.resume(self.model, self.model.denoiser, Path(cfg.resume).expanduser(),
                                         cfg.model.use_lora)
+        distributed.configure_deepspeed(self.accelerator, t.batch_size, t.max_grad_norm)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.denoiser)
-        self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards
+        self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards, ZeRO-3 emptied them
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # The reward thread gets its own small torch thread team: a second full-size OpenMP team (created the first
         # time that thread runs a torch op) slows every later op of the main thread ~1.7x on a 2-core CPU.
@@ -114,7 +115,7 @@ class Trainer:
                 ("sampler", f"{self.sampler.name}, {self.sampler.num_steps} steps, guidance "
                             f"{cfg.sampler.guidance_scale}"),
                 *precision_rows(self.precision, self.device), ("image size", f"{model.resolution} px"),
-                ("trainable parameters", f"{sum(p.numel() for p in self.params):,}"),
+                ("trainable parameters", f"{distributed.parameter_count(self.params):,}"),
                 ("processes", strategy(self.accelerator)), *self.counts.as_rows(),
                 ("epochs", f"{self.start_epoch} -> {cfg.train.num_epochs}")]
 
@@ -250,18 +251,18 @@ class Trainer:
         if self.plan.preserve:
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, self.global_step,
                                                                   self.accelerator.process_index, "preserve"))
-            with self.accelerator.no_sync(self.denoiser), self.accelerator.autocast():
+            with micro_step(self.accelerator, self.denoiser, last=False), self.accelerator.autocast():
                 drift = preservation_drift(self.model, self.sampler, self.denoiser, samples.trajectory, rows, cols,
                                            self.plan.preserve, cfg.train.preserve.pairs, cfg.sampler.guidance_scale,
                                            generator)
-                self.accelerator.backward(cfg.train.preserve.weight * drift)
+                self.backward(cfg.train.preserve.weight * drift)
             sums["preserve_drift"] = float(drift.detach())
         for first in range(0, n_pairs, chunk):
             r, c = rows[first:first + chunk], cols[first:first + chunk]
-            sync = nullcontext() if first + chunk >= n_pairs else self.accelerator.no_sync(self.denoiser)
-            with sync, self.accelerator.autocast():
+            last = first + chunk >= n_pairs
+            with micro_step(self.accelerator, self.denoiser, last), self.accelerator.autocast():
                 loss, metrics = self.algo.loss(**self.pair_tensors(samples, targets, r, c))
-                self.accelerator.backward(loss * (r.numel() / n_pairs))
+                self.backward(loss * (r.numel() / n_pairs))
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * r.numel() / n_pairs
         sums["grad_norm"] = self.optimizer_step()
@@ -292,17 +293,18 @@ class Trainer:
             out["errors"] = denoising_errors(self.model, self.sampler, self.denoiser, traj.final[rows], cond)
         return {key: out[key] for key in (*self.algo.needs, self.algo.targets)}
 
+    def backward(self, loss: torch.Tensor) -> None:
+        distributed.backward(self.accelerator, self.denoiser, loss)
+
     def optimizer_step(self) -> float:
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-        check_gradient(grad_norm, self.global_step)
         t = self.cfg.train
         lr = learning_rate(t.lr, t.lr_schedule, self.global_step, self.counts.updates_per_epoch * t.num_epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = distributed.optimizer_step(self.accelerator, self.denoiser, self.optimizer, self.params,
+                                               t.max_grad_norm, partial(check_gradient, global_step=self.global_step))
         self.global_step += 1
-        return float(grad_norm)
+        return grad_norm
 
     def kl_reading(self, samples: EpochSamples) -> float | None:
         """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model)."""
@@ -329,7 +331,7 @@ class Trainer:
             keep = self.algo.steps_with_gradient(self.sampler.num_steps, truncation_rng)
             noise = torch.randn((len(prompts), *self.model.latent_shape()), generator=generator, device=self.device)
             boundary = (micro + 1) % accumulation == 0
-            with (nullcontext() if boundary else self.accelerator.no_sync(self.denoiser)), self.accelerator.autocast():
+            with micro_step(self.accelerator, self.denoiser, last=boundary), self.accelerator.autocast():
                 final, _ = run_chain(self.model, self.sampler, self.denoiser, noise, self.model.encode(prompts),
                                      cfg.sampler.guidance_scale, generator_noise(noise.shape, generator, self.device),
                                      keep_grad=keep, checkpoint_denoiser=self.algo.checkpoint_unet)
@@ -339,7 +341,7 @@ class Trainer:
                                        cfg.train.nonfinite_rewards, whole_epoch=False)
                 loss, _ = self.algo.loss(rewards=rewards[torch.from_numpy(finite).to(rewards.device)])
                 if finite.any():  # train.nonfinite_rewards=drop: the other images take no part
-                    self.accelerator.backward(loss / accumulation)
+                    self.backward(loss / accumulation)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / n_micro
             totals["kept_steps"] = totals.get("kept_steps", 0.0) + sum(keep) / n_micro
             if boundary:
@@ -372,7 +374,7 @@ class Trainer:
     def resume(self, path: Path, state: dict, skipped: list[str]) -> Path | None:
         """Continue from checkpoint ``path`` (weights loaded): optimizer, books, counters. Returns where later
         checkpoints of the run were moved, if any (an older one's successors go to ``superseded/``)."""
-        checkpoint.restore_optimizer(self.unwrapped, self.optimizer, state, path)
+        checkpoint.restore_optimizer(self.accelerator, self.denoiser, self.optimizer, state, path)
         for line in skipped if self.is_main else []:
             console.print(f"[yellow]skipped an unreadable checkpoint: {escape(line)}[/]", highlight=False)
         self.tracker.load_state_dict(state["stat_tracker"])

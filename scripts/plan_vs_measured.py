@@ -42,7 +42,7 @@ def planned(cfg) -> dict[str, float]:
     chunk = cfg.train.batch_size * cfg.train.timesteps_per_forward
     activations, _ = training_activations(model, chunk, cfg.sampler.guidance_scale)
     return memory_terms(MemoryInputs(counts["frozen_denoiser"], counts["trainable"], counts["encoders_and_vae"], 0,
-                                     counts["buffer_bytes"], 4, 1, 0, activations, 0))
+                                     counts["buffer_bytes"], 4, 1, 1, False, 0, activations, 0))
 
 
 def measured(cfg) -> dict[str, float]:

@@ -12,12 +12,17 @@ from ddpo_cli.models.meta import meta_model, training_activations
 
 def test_the_memory_formula_by_hand():
     m = MemoryInputs(frozen_denoiser=1000, trainable=10, encoders_and_vae=100, reward=5, buffer_bytes=6,
-                     weight_bytes=2, shards=2, largest_block=50, activation_bytes=64, cache_bytes=8)
+                     weight_bytes=2, weight_shards=2, state_shards=2, master_copy=False, largest_block=50,
+                     activation_bytes=64, cache_bytes=8)
     assert memory_terms(m) == {"frozen weights": 1000 * 2 / 2 + 100 * 2 + 5 * 4 + 6, "trainable weights": 20,
-                               "gradients": 20, "optimizer state": 40, "gathered block": 100, "activations": 64,
-                               "conditioning cache": 8, "total": 1226 + 20 + 20 + 40 + 100 + 64 + 8}
-    unsharded = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 50, 64, 8))
+                               "master copy": 0, "gradients": 20, "optimizer state": 40, "gathered block": 100,
+                               "activations": 64, "conditioning cache": 8,
+                               "total": 1226 + 20 + 20 + 40 + 100 + 64 + 8}
+    unsharded = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 1, False, 50, 64, 8))
     assert unsharded["gathered block"] == 0 and unsharded["optimizer state"] == 80
+    zero2 = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 2, True, 50, 64, 8))  # weights whole, state split
+    assert (zero2["frozen weights"], zero2["trainable weights"], zero2["master copy"], zero2["gradients"],
+            zero2["optimizer state"], zero2["gathered block"]) == (1000 * 2 + 226, 40, 20, 20, 40, 0)
     assert cache_bytes(prompts=9, bytes_per_prompt=2 ** 20, bound_mb=None) == 10 * 2 ** 20  # + the empty prompt
     assert cache_bytes(prompts=9, bytes_per_prompt=2 ** 20, bound_mb=4) == 4 * 2 ** 20
 
@@ -84,8 +89,8 @@ def test_ddpo_plan_prints_the_memory_of_a_run_and_refuses_bad_options(cache_dir)
     assert result.returncode == 0, out[-3000:]
     words = " ".join(out.replace("│", " ").split())
     assert "optimizer state" in words and "gathered block" in words and "2 GPUs, fsdp2" in words
-    bad = ddpo("plan", "model=tiny", "--strategy", "zero3")
-    assert bad.returncode == 2 and "--strategy zero3: choose ddp or fsdp2" in bad.stderr
+    bad = ddpo("plan", "model=tiny", "--strategy", "zero1")
+    assert bad.returncode == 2 and "--strategy zero1: choose ddp, fsdp2, zero2, zero3" in bad.stderr
 
 
 def test_reward_models_are_sized_without_loading_them():

@@ -180,7 +180,7 @@ class RunConfig:
     # with bf16 units). LoRA weights, the optimizer and the sampler maths stay fp32
     threads: Optional[int] = None  # torch CPU threads; None = torch default
     accelerate_config: str = "multi_gpu"  # a sweep job whose launcher asks for several GPUs runs as an accelerate
-    # launch with this conf/accelerate/ file (multi_gpu | fsdp2) or .yaml path (ddpo_cli/cluster.py)
+    # launch with this conf/accelerate/ file (multi_gpu | fsdp2 | deepspeed_zero2 | deepspeed_zero3) or .yaml path
 
 
 @dataclass

@@ -23,7 +23,8 @@ def test_a_node_of_a_multi_gpu_job_composes_its_accelerate_launch():
                        "--main_process_ip", "gpu-07", "--main_process_port", "31234",
                        "-m", "ddpo_cli", "train", "seed=1", "model=sd35_medium", "hydra.run.dir=/runs/job_3"]
     assert rendezvous_port("4242_7") == rendezvous_port("4242_7") == 29500 + 42427 % 10000
-    with pytest.raises(UserError, match="accelerate_config='zero9': no such file; choose fsdp2, multi_gpu, multi_node"):
+    with pytest.raises(UserError, match="accelerate_config='zero9': no such file; choose deepspeed_zero2, "
+                                        "deepspeed_zero3, fsdp2, multi_gpu, multi_node"):
         accelerate_config_path("zero9")
 
 
