@@ -7,6 +7,7 @@ holds the barriers). The files hold whole tensors whatever the strategy (:mod:`d
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .errors import UserError, brief
 from .models import ModelFamily
 from .runs import STATE_FILE, checkpoint_dir, list_checkpoints, read_state
 
+BEST_DIR = "best"  # checkpoints/best/: the checkpoint of the best check by checkpoint.best_by
 DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed optimizer state, one file per process
 
 
@@ -60,6 +62,28 @@ def save(accelerator, model: ModelFamily, denoiser, optimizer, state: dict, run_
         prune(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def keep_as_best(saved: Path) -> Path:
+    """``checkpoints/best/``: the same files as the checkpoint ``saved`` (hard links where the filesystem has them,
+    so it costs no space and outlives the pruning of ``saved``), replaced atomically."""
+    best = saved.parent / BEST_DIR
+    staging = saved.parent / f".{BEST_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def link_or_copy(source, target):
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(saved, staging, copy_function=link_or_copy)
+    old = saved.parent / f".{BEST_DIR}.old"
+    if best.exists():
+        best.rename(old)
+    staging.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
 
 
 def prune(run_dir: Path, keep_last: int | None) -> None:

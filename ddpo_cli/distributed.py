@@ -175,6 +175,15 @@ def gathered_prompts(accelerator: Accelerator, prompts: list[str]) -> list[str]:
     return gather_object(prompts) if accelerator.num_processes > 1 else prompts
 
 
+def from_main(accelerator: Accelerator, value):
+    """The main process's ``value`` on every process (a decision all must follow, e.g. to stop)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over the processes (one all-reduce for all of them)."""
     reduced = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")

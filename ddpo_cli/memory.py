@@ -11,9 +11,9 @@
 
 ``b`` is the bytes of a frozen weight in the run's precision (4 for fp32, 2 for bf16 / fp16); ``W`` the number of
 processes the denoiser's weights are split over (FSDP2 and ZeRO-3: all; DDP and ZeRO-2: 1), ``S`` the number its
-gradients and optimizer state are split over (FSDP2, ZeRO-2 and ZeRO-3: all; DDP: 1). Trainable parameters, their gradients and AdamW's
-moments are fp32 (LoRA, or a fully trained denoiser). Buffers (e.g. SD3's positional embedding table, 0.4 GiB in
-bf16) are whole on every GPU. Not counted: the CUDA context and allocator slack (about
+gradients and optimizer state are split over (FSDP2, ZeRO-2 and ZeRO-3: all; DDP: 1). Trainable parameters, their
+gradients and AdamW's moments are fp32 (LoRA, or a fully trained denoiser). Buffers (e.g. SD3's positional
+embedding table, 0.4 GiB in bf16) are whole on every GPU. Not counted: the CUDA context and allocator slack (about
 0.5-1 GB per GPU), sampling's transient activations (no graph is kept, so they are smaller than training's), and
 the VAE decode of a sampling batch.
 """

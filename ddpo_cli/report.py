@@ -42,6 +42,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def monitor_history(run_dir: Path) -> list[dict]:
+    """The monitors' checks of the epochs in ``metrics.jsonl``, oldest first."""
+    return [row["monitor"] for row in read_metrics(run_dir) if "monitor" in row]
+
+
 def truncate_metrics(run_dir: Path, before_epoch: int, keep_dropped_in: Path | None = None) -> None:
     """Keep only epochs < ``before_epoch`` (a resumed run rewrites what came after its checkpoint); the dropped rows
     go to ``keep_dropped_in/metrics.jsonl`` when given (resuming from an older checkpoint loses nothing)."""
@@ -124,10 +129,30 @@ def paired_series(rows: list[dict], metric: str) -> dict[str, dict[str, np.ndarr
     return {name: {k: np.asarray(v, dtype=np.float64) for k, v in entry.items()} for name, entry in series.items()}
 
 
+def draw_monitors(ax, checks: list[dict], base: dict) -> None:
+    """Each monitored value over the checks as a multiple of the base model's (1 = unchanged)."""
+    epochs = [r["epoch"] for r in checks]
+    for key in sorted(k for k in base if base[k]):
+        ax.plot(epochs, [r["monitor"].get(key, np.nan) / base[key] for r in checks], marker="o", markersize=3,
+                label=key)
+    for r in checks:
+        if r.get("monitor_best"):
+            ax.axvline(r["epoch"], color="tab:green", linestyle=":", linewidth=1)
+        if "monitor_stop" in r:
+            ax.axvline(r["epoch"], color="tab:red", linestyle="--", linewidth=1, label="stopped by a rule")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("value / base model's")
+    ax.set_title("monitors (dotted: a new best checkpoint)", fontsize=10)
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(alpha=0.3)
+
+
 def plot_reward_curve(run_dir: Path, path: Path | None = None, metric: str = "reward") -> Path | None:
     """reward_curve.png from metrics.jsonl: each epoch's reward (its own fresh noise; the band is +- std) with a
-    5-epoch moving average, and, when the run measures it (``log.paired``), ``metric`` of the policy against the base
-    model on the same fixed prompts and noise (the band is +- the paired gain's standard error)."""
+    5-epoch moving average; when the run measures it (``log.paired``), ``metric`` of the policy against the base
+    model on the same fixed prompts and noise (the band is +- the paired gain's standard error); and when monitors
+    ran, their values relative to the base model's, with the epoch a rule stopped the run and the best check."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
@@ -137,10 +162,14 @@ def plot_reward_curve(run_dir: Path, path: Path | None = None, metric: str = "re
     import matplotlib.pyplot as plt
 
     paired = paired_series(rows, metric)
+    checks = [r for r in rows if "monitor" in r]
+    base_path = Path(run_dir) / "monitor_base.json"
+    base = json.loads(base_path.read_text()) if base_path.exists() else {}
+    panels = 1 + bool(paired) + bool(checks and base)
     epochs = np.array([r["epoch"] for r in rows])
     mean = np.array([r["reward_mean"] for r in rows])
     std = np.array([r["reward_std"] for r in rows])
-    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
     ax.plot(epochs, mean, marker="o", markersize=2.5, linewidth=0.8, alpha=0.5, label="each epoch (fresh noise)")
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.12)
@@ -164,6 +193,8 @@ def plot_reward_curve(run_dir: Path, path: Path | None = None, metric: str = "re
         ax.set_title("policy vs base: same fixed prompts and noise (band: paired s.e.)", fontsize=10)
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
+    if checks and base:
+        draw_monitors(axes[0][-1], checks, base)
     fig.tight_layout()
     path = path or Path(run_dir) / "reward_curve.png"
     fig.savefig(path, dpi=100)
@@ -208,19 +239,28 @@ def epoch_line(row: dict, metric: str = "reward") -> str:
 def tracker_values(row: dict) -> dict[str, float]:
     """A metrics row as flat numbers for TensorBoard / W&B (``paired/<set>/<key>/<base|policy|gain|gain_se>``)."""
     values = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    values.update({f"monitor/{key}": v for key, v in row.get("monitor", {}).items()})
     for name, keys in row.get("paired", {}).items():
         for key, fields in keys.items():
             values.update({f"paired/{name}/{key}/{field}": v for field, v in fields.items()})
     return values
 
 
-def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = None, sampler: str | None = None) -> str:
+def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = None, sampler: str | None = None,
+                best_by: str | None = None) -> str:
     """What the run did and what to run next: the paired measure (base -> last, paired gain +- standard error, the
-    ``sampler`` it was drawn with) when taken, where the outputs are, and the exact ``ddpo eval`` / ``ddpo sample``
-    commands."""
+    ``sampler`` it was drawn with) when taken, a monitor's stop and the best checkpoint by ``best_by``, where the
+    outputs are, and the exact ``ddpo eval`` / ``ddpo sample`` commands."""
     rows = read_metrics(run_dir)
     run = escape(str(run_dir))
     lines = ["", f"[bold]done:[/] {len(rows)} epochs in {run}"]
+    stop = next((row for row in reversed(rows) if "monitor_stop" in row), None)
+    if stop is not None and stop is rows[-1]:
+        lines.append(f"[yellow]epoch {stop['epoch']}: {escape(stop['monitor_stop'])}[/]")
+    best = next((row for row in reversed(rows) if row.get("monitor_best")), None)
+    if best_by and best is not None:
+        lines.append(f"[bold]best by {best_by}:[/] {Path(run) / 'checkpoints' / 'best'} (epoch {best['epoch']}, "
+                     f"{best_by} {best['monitor'][best_by]:.4g})")
     last_paired = next((row for row in reversed(rows) if "paired" in row), None)
     if last_paired is not None:
         lines.append(f"[bold]paired {metric}[/] (the same fixed prompts and noise; base = the model before training, "

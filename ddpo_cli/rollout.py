@@ -52,9 +52,16 @@ def images_from_seeds(model: ModelFamily, sampler: Sampler, denoiser, prompts: l
                       guidance: float, device) -> torch.Tensor:
     """Images ``[N,3,H,W]`` in [0, 1] of ``prompts``: one CPU generator per image, seeded ``seeds[i]``, draws its
     initial noise and every stochastic step's noise, so image ``i`` does not depend on the batch it is drawn in."""
+    return model.decode(latents_from_seeds(model, sampler, denoiser, prompts, seeds, guidance, device))
+
+
+@torch.no_grad()
+def latents_from_seeds(model: ModelFamily, sampler: Sampler, denoiser, prompts: list[str], seeds: list[int],
+                       guidance: float, device) -> torch.Tensor:
+    """The final latents of :func:`images_from_seeds`, before decoding."""
     noise = per_image_noise(model.latent_shape(), [torch.Generator().manual_seed(s) for s in seeds], device)
     final, _ = run_chain(model, sampler, denoiser, noise(None), model.encode(prompts), guidance, noise)
-    return model.decode(final)
+    return final
 
 
 def run_chain(model: ModelFamily, sampler: Sampler, denoiser, x: torch.Tensor, cond: Conditioning, guidance: float,

@@ -24,7 +24,8 @@ from .advantages import PerPromptStatTracker, compute_advantages
 from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
 from . import distributed
-from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step, strategy
+from .distributed import (from_main, gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step,
+                          strategy)
 from .guards import check_gradient, check_rewards, check_weights
 from .models import adapters_disabled, load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
@@ -36,6 +37,7 @@ from .runs import lock_run, supersede_after
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
+from .watch import Verdict, start_watch
 from .schedules import learning_rate
 
 POLICY_TENSORS = {"log_prob", "mean", "std", "output", "clean_estimate"}
@@ -105,6 +107,9 @@ class Trainer:
         self.paired = start_paired_measure(cfg, self.prompt_set, plan.heldout, self.model, self.reward_fn,
                                            self.unwrapped, self.device, self.accelerator.autocast,
                                            resumed=self.start_epoch > 0) if self.is_main or self.sharded else None
+        self.watch = start_watch(cfg, plan, self.model, self.unwrapped, self.device, self.accelerator.autocast,
+                                 self.run_dir, report.monitor_history(self.run_dir), write=self.is_main) \
+            if self.is_main or self.sharded else None
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -132,13 +137,33 @@ class Trainer:
                 row = self.metrics_row(epoch, samples, rewards, metrics, {"epoch_seconds": time.perf_counter() - start,
                                                                           **timings})
                 row.update(self.paired.row(epoch, self.unwrapped) if self.paired else {})
+                verdict = self.monitor_epoch(epoch, row)
                 self.log_epoch(epoch, row, samples)
-                if epoch == cfg.train.num_epochs - 1 or (epoch + 1) % cfg.checkpoint.every == 0:
-                    self.save_checkpoint(epoch)
+                self.checkpoint_epoch(epoch, verdict)
                 progress.update(task, advance=1, description=f"reward {row['reward_mean']:.4g}")
+                if verdict.stop:
+                    break
         if self.is_main:
             console.print(report.run_summary(self.run_dir, cfg.log.paired.metric, cfg.log.paired.heldout,
-                                             describe_sampler(cfg.sampler)), highlight=False)
+                                             describe_sampler(cfg.sampler), cfg.checkpoint.best_by),
+                          highlight=False)
+
+    def monitor_epoch(self, epoch: int, row: dict) -> Verdict:
+        """The monitors' values into ``row`` on a check epoch, and what the rules say (the main process decides for
+        all): ``monitor_stop`` names a rule that fired, ``monitor_best`` marks a new best by checkpoint.best_by."""
+        row.update(self.watch.row(epoch, self.unwrapped, row) if self.watch else {})
+        verdict = from_main(self.accelerator, self.watch.verdict(row) if self.watch else Verdict())
+        row.update({"monitor_stop": verdict.stop} if verdict.stop else {},
+                   **({"monitor_best": True} if verdict.best else {}))
+        return verdict
+
+    def checkpoint_epoch(self, epoch: int, verdict: Verdict) -> None:
+        """Save on the checkpoint.every epochs, the last one, a monitor's stop and a new best (kept as best/)."""
+        due = epoch == self.cfg.train.num_epochs - 1 or (epoch + 1) % self.cfg.checkpoint.every == 0
+        if due or verdict.stop or verdict.best:
+            saved = self.save_checkpoint(epoch)
+            if verdict.best and self.is_main:
+                checkpoint.keep_as_best(saved)
 
     def metrics_row(self, epoch: int, samples: EpochSamples, rewards: np.ndarray, metrics: dict,
                     timings: dict) -> dict:
@@ -358,7 +383,7 @@ class Trainer:
         if not self.is_main:
             return
         report.append_metrics(self.run_dir, row)
-        if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1:
+        if epoch % self.cfg.log.image_every == 0 or epoch == self.cfg.train.num_epochs - 1 or "monitor_stop" in row:
             report.plot_reward_curve(self.run_dir, metric=self.cfg.log.paired.metric)
             report.epoch_grid(samples.images, samples.prompts, samples.rewards.tolist()).save(
                 self.run_dir / "images" / f"epoch_{epoch:04d}.png")

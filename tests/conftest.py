@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"
 sys.path.insert(0, str(HELPERS))  # tiny model builders and the reward contract, importable from every test folder
 # The reference run of the end-to-end tests: 2 DDIM steps x 4 samples per epoch on the tiny random model
-TRAIN = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+TRAIN = ["model=tiny", "monitor.every=0",
+         "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
          "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
          "advantage.mode=batch", "log.grid_images=4", "threads=2", "seed=7", "train.lr=1e-3"]
 

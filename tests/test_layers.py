@@ -10,9 +10,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 # "x" stands for the module x.py or the package x/ with everything in it.
 LAYERS = [
     {"__main__", "cli"},
-    {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster", "planner"},
-    {"checkpoint", "probe", "rollout", "report", "guards", "books", "distributed"},
-    {"config"},
+    {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster", "planner", "doctor"},
+    {"checkpoint", "probe", "rollout", "report", "guards", "books", "distributed", "watch"},
+    {"config", "monitors"},
     {"algorithms", "rewards", "prompts", "clients", "advantages",
      "toyworld"},
     {"models", "samplers", "noise"},

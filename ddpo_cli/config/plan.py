@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import UserError
 from ..runs import find_checkpoint, list_checkpoints, read_state, run_dir_of
 from .compose import build, check_target, group_option
+from ..monitors.settings import check_settings, known_metrics, split_monitor_node
 from .checks import check_values, require
 
 
@@ -97,6 +98,9 @@ class RunPlan:
     warnings: list[str] = field(default_factory=list)  # settings that run but deserve a word at start-up
     heldout: Any = None           # the prompt set of log.paired.heldout, if any
     preserve: Any = None          # the prompts of train.preserve (the run's own left out), if any
+    monitors: dict = field(default_factory=dict)        # name -> built monitor (conf/monitor), not set up
+    monitor_settings: dict = field(default_factory=dict)  # monitor.every, prompts, images_per_prompt, ...
+    stop_rules: list = field(default_factory=list)      # monitor.stop_when, checked
 
 
 def stochastic_steps_of(cfg: DictConfig, offset: int = 0) -> list[int]:
@@ -150,8 +154,25 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
     warnings = algorithm.warnings(cfg, counts) + (resume_changes(cfg, resume) if resume else [])
     heldout_name = cfg.log.paired.heldout
     heldout = build(group_option("prompts", heldout_name), "prompts") if heldout_name else None
+    settings, monitors, rules = plan_monitors(cfg)
     return RunPlan(counts, algorithm, reward, prompts, resume, warnings, heldout,
-                   preserve_prompts(cfg, algorithm, prompts))
+                   preserve_prompts(cfg, algorithm, prompts), monitors, settings, rules)
+
+
+def plan_monitors(cfg: DictConfig) -> tuple[dict, dict, list]:
+    """``cfg.monitor`` built and checked: (settings, {name: monitor}, stop rules); ``checkpoint.best_by`` must name
+    a value the monitors measure."""
+    settings, nodes = split_monitor_node(OmegaConf.to_container(cfg.monitor, resolve=True) if cfg.monitor else {})
+    monitors = {name: build(OmegaConf.create(node), f"monitor.{name}") for name, node in nodes.items()}
+    rules = check_settings(settings, monitors)
+    best, known = cfg.checkpoint.best_by, known_metrics(monitors)
+    require(cfg.checkpoint.best_mode in ("max", "min"), f"checkpoint.best_mode={cfg.checkpoint.best_mode!r}: "
+                                                        f"choose max or min")
+    require(best is None or best in known, f"checkpoint.best_by={best!r}: the monitors measure "
+                                           f"{', '.join(sorted(known))}; add the monitor that measures it "
+                                           f"(monitor=[...]) or name one of these")
+    require(best is None or settings["every"] > 0, "checkpoint.best_by needs monitor.every > 0")
+    return settings, monitors, rules
 
 
 def resume_changes(cfg: DictConfig, checkpoint: Path) -> list[str]:

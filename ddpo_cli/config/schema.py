@@ -134,6 +134,9 @@ class AdvantageConfig:
 class CheckpointConfig:
     every: int = 1                # epochs between checkpoints; the last epoch is always saved
     keep_last: Optional[int] = 5  # None keeps all
+    best_by: Optional[str] = None  # a monitored value (e.g. gold_reward): its best check's checkpoint is kept in
+    # checkpoints/best/ (besides the last ones) and named by the end summary
+    best_mode: str = "max"        # max | min: which way best_by is better
 
 
 @dataclass
@@ -170,6 +173,8 @@ class RunConfig:
     algo: Any = MISSING
     reward: Any = MISSING
     prompts: Any = MISSING
+    monitor: Any = None           # the chosen monitors (conf/monitor, one _target_ node each) beside their settings
+    # (train.yaml); ddpo_cli/monitors/settings.py checks them
     seed: int = 42
     run_name: str = "run"
     resume: Optional[str] = None

@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import ddpo
 
-FAST = ["model=tiny", "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+FAST = ["model=tiny", "monitor.every=0",
+        "sampler.num_steps=4", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
         "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timesteps_per_forward=4",
         "advantage.mode=batch", "log.grid_images=4", "log.tracker=none", "threads=1", "train.lr=1e-3"]
 SMALL = ["n=2", "num_prompts=2", "threads=1"]

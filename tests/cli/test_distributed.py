@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "helpers" / "ddp_worker.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-ARGS = ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=2", "sampler.num_batches_per_epoch=1",
+ARGS = ["model=tiny", "monitor.every=0",
+        "sampler.num_steps=3", "sampler.batch_size=2", "sampler.num_batches_per_epoch=1",
         "train.batch_size=1", "train.gradient_accumulation_steps=2", "advantage.min_count=2", "log.tracker=none",
         "train.num_epochs=2", "train.lr=1e-2", "threads=1", "checkpoint.every=1"]
 LORA = "pytorch_lora_weights.safetensors"

@@ -23,7 +23,8 @@ from conftest import REPO, ddpo, run_cli
 from ddpo_cli.report import read_metrics
 
 pytestmark = pytest.mark.slow
-FAST = ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+FAST = ["model=tiny", "monitor.every=0",
+        "sampler.num_steps=3", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
         "train.batch_size=4", "advantage.mode=batch", "log.tracker=none", "log.grid_images=4", "threads=1",
         "train.lr=1e-3", "prompts=from_list", "prompts.prompts=[a cat,a dog]"]
 REWARDS = '''
@@ -171,7 +172,7 @@ def test_a_run_folder_has_one_writer_and_is_never_overwritten(good_run, tmp_path
     assert snapshot(run) == before
 
 
-FLOW = ["model=tiny_shapes_flow", "sampler=flow_sde", "sampler.num_steps=4", "sampler.batch_size=4",
+FLOW = ["model=tiny_shapes_flow", "monitor.every=0", "sampler=flow_sde", "sampler.num_steps=4", "sampler.batch_size=4",
         "sampler.num_batches_per_epoch=1", "train.batch_size=4", "advantage.mode=batch", "log.tracker=none",
         "log.grid_images=4", "threads=1", "train.lr=1e-3", "prompts=shapes_train", "train.num_epochs=3"]
 

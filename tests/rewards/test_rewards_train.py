@@ -18,7 +18,8 @@ from tiny_preference_models import build_hpsv2, build_imagereward, build_picksco
 
 BUILDERS = {"pickscore": build_pickscore, "hpsv2": build_hpsv2, "imagereward": build_imagereward,
             "vlm_judge": build_vlm_judge, "geneval": build_geneval}
-FAST = ["model=tiny", "sampler.num_steps=3", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
+FAST = ["model=tiny", "monitor.every=0",
+        "sampler.num_steps=3", "sampler.batch_size=4", "sampler.num_batches_per_epoch=1",
         "train.batch_size=4", "train.num_epochs=1", "advantage.mode=batch", "log.tracker=none", "log.grid_images=4",
         "threads=2", "seed=3"]
 
