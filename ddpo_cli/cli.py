@@ -286,8 +286,8 @@ def eval_task(cfg, _) -> None:
 @app.command("plan", **HYDRA_ARGS)
 def plan(ctx: typer.Context,
          gpus: int = typer.Option(1, help="GPUs the run will use (processes)"),
-         strategy: str = typer.Option("ddp", help="ddp (weights on every GPU), fsdp2 or zero3 (denoiser split), zero2 (gradients and "
-                                                     "optimizer state split)"),
+         strategy: str = typer.Option("ddp", help="ddp (weights on every GPU), fsdp2 or zero3 (denoiser split), "
+                                                  "zero2 (gradients and optimizer state split)"),
          benchmark: Path = typer.Option(None, help="a scripts/benchmark.py result on the target GPU: seconds/epoch")) \
         -> None:
     """Size a training run without running it: parameters per module, memory per GPU, work per epoch.
@@ -301,6 +301,33 @@ def plan(ctx: typer.Context,
         plan_task(cfg, gpus, strategy, benchmark)
     except UserError as exc:
         fail(str(exc))
+
+
+@app.command("doctor", **HYDRA_ARGS)
+def doctor(ctx: typer.Context) -> None:
+    """Check that a training run is correct before running it: ratio 1 at the first update, log-probs independent of
+    batching, the zero-noise limit, KL to base, the reward's contract, the paired measure, save -> resume.
+
+    Takes the same overrides as `ddpo train`; builds the run as it would (in a temporary folder, one batch of
+    samples) and prints check / measured / threshold / pass. Exit code 1 when a check fails."""
+    try:
+        cfg = compose("train", list(ctx.args))
+        from .doctor import run_doctor  # torch and diffusers load only when the doctor runs
+
+        checks, info = run_doctor(cfg)
+    except UserError as exc:
+        fail(str(exc))
+    table = Table("check", "measured", "threshold", "pass", title="ddpo doctor", title_justify="left")
+    for check in checks:
+        verdict = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "n/a"}[check.passed]
+        table.add_row(check.name, escape(check.measured), check.threshold, verdict)
+    for name, value in info:
+        table.add_row(name, value, "", "info")
+    Console().print(table)
+    failed = [check.name for check in checks if check.passed is False]
+    if failed:
+        print_error(f"{len(failed)} check{'s' * (len(failed) > 1)} failed: {', '.join(failed)}")
+        raise typer.Exit(1)
 
 
 @app.command("serve-reward", **HYDRA_ARGS)
