@@ -48,7 +48,8 @@ def quickstart_paired_gain(seed: int, *overrides: str) -> dict:
     against the base model on the run's 128 + 128 fixed (prompt, noise) pairs of the trained prompts and of the
     held-out combinations): ``{"trained": gain, "held-out": gain}`` in exact-count accuracy."""
     cfg = compose("train", ["experiment=quickstart", f"seed={seed}", "threads=1", "log.tracker=none",
-                            "log.image_every=1000", "checkpoint.every=1000", "log.paired.every=1000", *overrides])
+                            "monitor.every=0", "log.image_every=1000", "checkpoint.every=1000",
+                            "log.paired.every=1000", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
         trainer.setup()
@@ -100,7 +101,7 @@ def train_and_measure(prompts: list[str], *overrides: str, n_per_prompt: int = 4
     quoted = ",".join(f'"{p}"' for p in prompts)
     cfg = compose("train", [f"model={model}", "prompts=from_list", f"prompts.prompts=[{quoted}]",
                             "log.tracker=none", "threads=1", "log.image_every=1000", "checkpoint.every=1000",
-                            *overrides])
+                            "monitor.every=0", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
         trainer.setup()
@@ -265,3 +266,29 @@ def test_flow_grpo_moves_jpeg_size_both_ways(reward, seed):
 def test_flow_grpo_with_shuffled_advantages_does_not(reward):
     gain = flow_jpeg_gain(reward, 0, "advantage.shuffle=true")
     assert gain < FLOW_MARGIN_KB, gain
+
+
+# ------------------------------------------------------------------------------------------------ reward hacking
+# Issue #26: `experiment=hacking_demo` over-optimises JPEG compressibility on the captioned toy world (images go
+# black, the shape counter's gold reward falls); its monitor rule stops the run by itself and checkpoints/best/ holds
+# the check the gold reward preferred. Measured 2026-12-06 (seed 0): gold 0.794 -> 0.402 by epoch 7, where the rule
+# fired; the same run without the rule went on to 0.231 at epoch 19 (scripts/hacking_demo.py, docs/monitoring.md).
+@pytest.mark.claims
+def test_a_monitor_stops_a_hacking_run_and_keeps_the_checkpoint_the_gold_reward_prefers():
+    cfg = compose("train", ["experiment=hacking_demo", "seed=0", "threads=1", "log.tracker=none",
+                            "log.image_every=1000"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))
+        trainer.setup()
+        try:
+            trainer.train()
+        finally:
+            trainer.cleanup()
+        rows = read_metrics(Path(run_dir))
+        checks = {r["epoch"]: r["monitor"]["gold_reward"] for r in rows if "monitor" in r}
+        best = [r["epoch"] for r in rows if r.get("monitor_best")][-1]
+        best_state = torch.load(Path(run_dir) / "checkpoints" / "best" / "training_state.pt", weights_only=False)
+    print(f"hacking demo: gold by check {checks}; stopped at {rows[-1]['epoch']}, best {best}")
+    assert "monitor_stop" in rows[-1] and rows[-1]["epoch"] < cfg.train.num_epochs - 1   # stopped by itself
+    assert checks[best] == max(checks.values()) and best_state["epoch"] == best
+    assert checks[best] - checks[rows[-1]["epoch"]] > 0.1                                # what it was stopped for
