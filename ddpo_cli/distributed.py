@@ -100,13 +100,13 @@ def refuse_unsupported_launch() -> None:
     if env_flag("ACCELERATE_USE_DEEPSPEED"):
         import importlib.util
 
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("this launch config asks for DeepSpeed, which is not installed: pip install "
-                            "'ddpo-cli[deepspeed]' (or launch with conf/accelerate/fsdp2.yaml)")
         if int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) not in (1, 2, 3):
             raise UserError("this launch config asks for DeepSpeed ZeRO stage "
                             f"{os.environ['ACCELERATE_DEEPSPEED_ZERO_STAGE']}: use 1, 2 or 3 (or multi_gpu.yaml "
                             f"for plain DDP)")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("this launch config asks for DeepSpeed, which is not installed: pip install "
+                            "'ddpo-cli[deepspeed]' (or launch with conf/accelerate/fsdp2.yaml)")
 
 
 def strategy(accelerator: Accelerator) -> str:

@@ -173,7 +173,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 OPT_IN = {"claims": ("--run-claims", "a learning claim with its control",
                      "python -m pytest -q -m claims --run-claims -n 2 --dist loadgroup"),
           "distributed": ("--run-distributed", "several processes (accelerate launch, a reward server, submitit)",
-                          "python -m pytest -q -m distributed --run-distributed")}
+                          "python -m pytest -q -m distributed --run-distributed"),
+          "matrix": ("--run-matrix", "ddpo doctor on every tiny family x algorithm",
+                     "python -m pytest -q -m matrix --run-matrix -n 2")}
 
 
 def pytest_addoption(parser):

@@ -43,6 +43,23 @@ def test_the_doctor_passes_on_every_family_and_algorithm(overrides, cache_dir):
     assert set(found) == set(CHECKS) and "FAIL" not in found.values(), found
 
 
+FAMILIES = {"tiny": [], "tiny_sdxl": [], "tiny_sd3": ["sampler=flow_sde"], "tiny_flux": ["sampler=flow_sde"]}
+ALGORITHMS = {"ddpo_is": [], "ddpo_sf": [], "rwr": [], "rwr_sparse": [], "dpok": [], "nft": [], "baseline": [],
+              "alignprop": ["reward=custom"], "draft": ["reward=custom"]}
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_doctor_passes_on_every_family_x_algorithm(family, algo, cache_dir):
+    """The whole cross product (CI's matrix step; the suite above runs each family and each algorithm once)."""
+    backprop = ["sampler.eta=0"] if algo in ("alignprop", "draft") and family in ("tiny", "tiny_sdxl") else []
+    result = doctor(f"model={family}", *FAMILIES[family], f"algo={algo}", *ALGORITHMS[algo], *backprop)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    found = verdicts(result)
+    assert set(found) == set(CHECKS) and "FAIL" not in found.values(), found
+
+
 def failed(result) -> set[str]:
     assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]
     found = verdicts(result)
