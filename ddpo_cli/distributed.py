@@ -47,12 +47,13 @@ def make_accelerator(precision: str, cpu: bool, project_dir: str, log_with: str 
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch config's env
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState sets it
-    if uses_deepspeed(accelerator) and accelerator.num_processes != torch.distributed.get_world_size():
-        counts = {"num_processes": torch.distributed.get_world_size(), "process_index": torch.distributed.get_rank(),
-                  "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
-        PartialState._shared_state.update(counts)
-        AcceleratorState._shared_state.update(counts)
     if uses_deepspeed(accelerator):
+        if accelerator.num_processes != torch.distributed.get_world_size():  # a CPU run: accelerate counted one
+            counts = {"num_processes": torch.distributed.get_world_size(),
+                      "process_index": torch.distributed.get_rank(),
+                      "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
+            PartialState._shared_state.update(counts)
+            AcceleratorState._shared_state.update(counts)
         # accelerate registers its DeepSpeed config with transformers, whose from_pretrained then partitions every
         # model it loads under ZeRO-3: the frozen text encoders and reward models must load whole
         from transformers.integrations import unset_hf_deepspeed_config
@@ -153,11 +154,14 @@ def backward(accelerator: Accelerator, denoiser, loss: torch.Tensor) -> None:
         accelerator.backward(loss)
 
 
-def optimizer_step(accelerator: Accelerator, denoiser, optimizer, params: list[torch.Tensor], max_grad_norm: float,
-                   check) -> float:
-    """Clip, ``check(grad_norm)`` (raises to stop the run), step and zero the gradients; returns the norm.
+def optimizer_step(accelerator: Accelerator, denoiser, optimizer, params: list[torch.Tensor], lr: float,
+                   max_grad_norm: float, check) -> float:
+    """Set the learning rate, clip, ``check(grad_norm)`` (raises to stop the run), step and zero the gradients;
+    returns the norm.
     DeepSpeed clips and steps inside its engine, so there the check comes after the step (the checkpoints on disk
     are intact either way)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     if uses_deepspeed(accelerator):
         denoiser.step()
         grad_norm = denoiser.get_global_grad_norm()

@@ -26,7 +26,6 @@ from .models import adapters_disabled
 from .probe import fixed_sampler_config, plan_probe, probe_images
 from .rollout import kl_to_base, policy_step, trained_steps
 from .samplers import build_sampler, noise_key
-from .samplers.gaussian import gaussian_kl
 
 # |ratio - 1| allowed at the first update, and between chunkings of the same pairs (or the algorithm's clip range,
 # when smaller): fp32 recomputes the sampled log-probs to ~1e-6 (docs/monitoring.md)
@@ -204,9 +203,9 @@ def kl_to_base_check(trainer, mini: MiniEpoch) -> Check:
     if mini.samples is None:
         return Check(name, NO_STORED_STEPS, "-", None)
     traj, prompts = mini.samples.trajectory, mini.samples.prompts
-    with trainer.accelerator.autocast():
-        at_init = float(kl_to_base(trainer.model, trainer.sampler, trainer.unwrapped, traj, prompts,
-                                   trainer.training_guidance))
+    args = (trainer.model, trainer.sampler, trainer.unwrapped, traj, prompts, trainer.training_guidance)
+    with torch.no_grad(), trainer.accelerator.autocast():
+        at_init = float(kl_to_base(*args))
     params = [p for p in trainer.params if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(0)
@@ -214,15 +213,8 @@ def kl_to_base_check(trainer, mini: MiniEpoch) -> Check:
         for p in params:
             p.add_(1e-2 * torch.randn(p.shape, generator=generator).to(p.device, p.dtype))
     try:
-        stochastic = [i for i in range(traj.steps.shape[1]) if trainer.sampler.is_stochastic(i)][:1] or [0]
-        r, c = torch.zeros(1, dtype=torch.long), torch.tensor(stochastic)
-        args = (traj.latents[r, c], traj.next_latents[r, c], traj.steps[r, c], trainer.model.encode([prompts[0]]),
-                trainer.training_guidance)
-        with trainer.accelerator.autocast():
-            policy = policy_step(trainer.model, trainer.sampler, trainer.unwrapped, *args)
-            with torch.no_grad(), adapters_disabled(trainer.unwrapped):
-                base = policy_step(trainer.model, trainer.sampler, trainer.unwrapped, *args)
-            kl = gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()
+        with trainer.accelerator.autocast():  # the first chain's first stochastic step, with its gradient
+            kl = kl_to_base(*args, max_samples=1, max_steps=1)
         grads = torch.autograd.grad(kl, params, allow_unused=True) if kl.requires_grad else []
         grad_norm = float(sum((g.float() ** 2).sum() for g in grads if g is not None) ** 0.5) if grads else 0.0
     finally:
@@ -301,6 +293,13 @@ def paired_measure_check(trainer) -> Check:
     return Check(name, f"max |base - policy| {difference:.1e} over {len(probe)} images", "0", difference == 0.0)
 
 
+def loss_backward(trainer, samples, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """The algorithm's loss on the pairs ``(rows, cols)`` in the run's precision, and its backward pass."""
+    with trainer.accelerator.autocast():
+        loss, _ = trainer.algo.loss(**trainer.pair_tensors(samples, targets, rows, cols))
+    loss.backward()
+
+
 def only_trainable_get_gradients(trainer, mini: MiniEpoch, pairs) -> Check:
     """A backward pass of the algorithm's loss gives gradients to the optimizer's parameters and to nothing else in
     the pipeline (a gradient outside the optimizer is memory spent on weights that never train)."""
@@ -313,9 +312,7 @@ def only_trainable_get_gradients(trainer, mini: MiniEpoch, pairs) -> Check:
     if trainer.algo.targets == "weights":
         targets = targets.abs() + 0.5
     trainer.optimizer.zero_grad(set_to_none=True)
-    with trainer.accelerator.autocast():
-        loss, _ = trainer.algo.loss(**trainer.pair_tensors(samples, targets, rows, cols))
-    loss.backward()
+    loss_backward(trainer, samples, targets, rows, cols)
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     named = [(f"{i}.{n}", p) for i, module in enumerate(trainer.model.modules()) for n, p in module.named_parameters()]
     outside = [n for n, p in named if p.grad is not None and id(p) not in in_optimizer]
@@ -337,11 +334,7 @@ def seconds_per_epoch(trainer, mini: MiniEpoch, pairs) -> str:
     sample = mini.sample_seconds * trainer.cfg.sampler.num_batches_per_epoch
     rows, cols = pairs
     start = time.perf_counter()
-    with trainer.accelerator.autocast():
-        loss, _ = trainer.algo.loss(**trainer.pair_tensors(mini.samples, torch.zeros(len(mini.samples.prompts),
-                                                                                      device=trainer.device),
-                                                           rows, cols))
-    loss.backward()
+    loss_backward(trainer, mini.samples, torch.zeros(len(mini.samples.prompts), device=trainer.device), rows, cols)
     per_pair = (time.perf_counter() - start) / rows.numel()
     trainer.optimizer.zero_grad(set_to_none=True)
     update = per_pair * counts.pairs_per_update * counts.updates_per_epoch * trainer.cfg.train.num_inner_epochs

@@ -42,6 +42,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def metrics_row(epoch: int, global_step: int, lr: float, rewards: np.ndarray, metrics: dict, timings: dict,
+                info: dict) -> dict:
+    """The epoch's line of metrics.jsonl (``rewards``: everyone's, non-finite ones when dropped included; ``info``:
+    the reward's per-image extras)."""
+    finite = rewards[np.isfinite(rewards)]
+    return {"epoch": epoch, "global_step": global_step, "lr": lr, "reward_mean": float(finite.mean()),
+            "reward_std": float(finite.std()), **metrics, "samples": int(rewards.size),
+            "nonfinite_rewards": int(rewards.size - finite.size), **timings,
+            **{f"reward_info/{k}": v for k, v in numeric_means(info).items()}}
+
+
+def print_resumed(path: Path, skipped: list[str], start_epoch: int, global_step: int, superseded: Path | None) -> None:
+    """What a resume did: the newer checkpoints it skipped as unreadable, where it continues, what it moved aside."""
+    for line in skipped:
+        console.print(f"[yellow]skipped an unreadable checkpoint: {escape(line)}[/]", highlight=False)
+    console.print(f"[green]resumed from {path}: epoch {start_epoch}, global step {global_step}[/]")
+    if superseded:
+        console.print(f"[yellow]later checkpoints and metrics of this run moved to {superseded}[/]")
+
+
 def monitor_history(run_dir: Path) -> list[dict]:
     """The monitors' checks of the epochs in ``metrics.jsonl``, oldest first."""
     return [row["monitor"] for row in read_metrics(run_dir) if "monitor" in row]

@@ -155,11 +155,11 @@ def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.T
     return ((prediction - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
 
 
-@torch.no_grad()
 def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory, prompts: list[str], guidance: float,
                max_samples: int = 2, max_steps: int = 3) -> torch.Tensor:
     """Mean KL(policy step || base step) over the first ``max_samples`` chains at up to ``max_steps`` evenly spaced
-    stochastic steps (the base model: the same denoiser with its LoRA adapter disabled)."""
+    stochastic steps (the base model: the same denoiser with its LoRA adapter disabled, without gradient). The
+    policy's side keeps its gradient unless called under ``torch.no_grad()`` (a reading during training)."""
     n, t = traj.log_probs.shape
     stochastic = torch.tensor([i for i in range(t) if sampler.is_stochastic(i)] or [0])
     picked = stochastic[torch.linspace(0, len(stochastic) - 1, min(len(stochastic), max_steps)).round().long()]
@@ -168,6 +168,6 @@ def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory,
     cond = model.encode([prompts[i] for i in rows.tolist()])
     args = (traj.latents[rows, cols], traj.next_latents[rows, cols], traj.steps[rows, cols], cond, guidance)
     policy = policy_step(model, sampler, denoiser, *args)
-    with adapters_disabled(denoiser):
+    with torch.no_grad(), adapters_disabled(denoiser):
         base = policy_step(model, sampler, denoiser, *args)
     return gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()

@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from omegaconf import DictConfig, OmegaConf
-from rich.markup import escape
 
 from . import checkpoint, report
 from .advantages import PerPromptStatTracker, compute_advantages
 from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
 from . import distributed
-from .distributed import (from_main, gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step,
-                          strategy)
+from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step, strategy
 from .guards import check_gradient, check_rewards, check_weights
 from .models import adapters_disabled, load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
@@ -37,7 +35,7 @@ from .runs import lock_run, supersede_after
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
-from .watch import Verdict, start_watch
+from .watch import Verdict, epoch_verdict, start_watch
 from .schedules import learning_rate
 
 POLICY_TENSORS = {"log_prob", "mean", "std", "output", "clean_estimate"}
@@ -85,6 +83,7 @@ class Trainer:
         distributed.configure_deepspeed(self.accelerator, t.batch_size, t.max_grad_norm)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.denoiser)
+        self.backward = partial(distributed.backward, self.accelerator, self.denoiser)  # the strategy's backward
         self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards, ZeRO-3 emptied them
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # The reward thread gets its own small torch thread team: a second full-size OpenMP team (created the first
@@ -108,8 +107,7 @@ class Trainer:
                                            self.unwrapped, self.device, self.accelerator.autocast,
                                            resumed=self.start_epoch > 0) if self.is_main or self.sharded else None
         self.watch = start_watch(cfg, plan, self.model, self.unwrapped, self.device, self.accelerator.autocast,
-                                 self.run_dir, report.monitor_history(self.run_dir), write=self.is_main) \
-            if self.is_main or self.sharded else None
+                                 self.run_dir, write=self.is_main) if self.is_main or self.sharded else None
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -134,10 +132,11 @@ class Trainer:
                 torch.manual_seed(derive_seed(cfg.seed, epoch, self.accelerator.process_index, "torch"))
                 self.sampler.set_epoch(epoch)  # a sliding SDE window moves
                 samples, rewards, metrics, timings = self.run_epoch(epoch)
-                row = self.metrics_row(epoch, samples, rewards, metrics, {"epoch_seconds": time.perf_counter() - start,
-                                                                          **timings})
+                timings = {"epoch_seconds": time.perf_counter() - start, **timings}
+                row = report.metrics_row(epoch, self.global_step, self.optimizer.param_groups[0]["lr"], rewards,
+                                         metrics, timings, samples.info)
                 row.update(self.paired.row(epoch, self.unwrapped) if self.paired else {})
-                verdict = self.monitor_epoch(epoch, row)
+                verdict = epoch_verdict(self.watch, self.accelerator, epoch, self.unwrapped, row)
                 self.log_epoch(epoch, row, samples)
                 self.checkpoint_epoch(epoch, verdict)
                 progress.update(task, advance=1, description=f"reward {row['reward_mean']:.4g}")
@@ -148,15 +147,6 @@ class Trainer:
                                              describe_sampler(cfg.sampler), cfg.checkpoint.best_by),
                           highlight=False)
 
-    def monitor_epoch(self, epoch: int, row: dict) -> Verdict:
-        """The monitors' values into ``row`` on a check epoch, and what the rules say (the main process decides for
-        all): ``monitor_stop`` names a rule that fired, ``monitor_best`` marks a new best by checkpoint.best_by."""
-        row.update(self.watch.row(epoch, self.unwrapped, row) if self.watch else {})
-        verdict = from_main(self.accelerator, self.watch.verdict(row) if self.watch else Verdict())
-        row.update({"monitor_stop": verdict.stop} if verdict.stop else {},
-                   **({"monitor_best": True} if verdict.best else {}))
-        return verdict
-
     def checkpoint_epoch(self, epoch: int, verdict: Verdict) -> None:
         """Save on the checkpoint.every epochs, the last one, a monitor's stop and a new best (kept as best/)."""
         due = epoch == self.cfg.train.num_epochs - 1 or (epoch + 1) % self.cfg.checkpoint.every == 0
@@ -164,15 +154,6 @@ class Trainer:
             saved = self.save_checkpoint(epoch)
             if verdict.best and self.is_main:
                 checkpoint.keep_as_best(saved)
-
-    def metrics_row(self, epoch: int, samples: EpochSamples, rewards: np.ndarray, metrics: dict,
-                    timings: dict) -> dict:
-        """The epoch's line of metrics.jsonl (``rewards``: everyone's, non-finite ones when dropped included)."""
-        finite = rewards[np.isfinite(rewards)]
-        return {"epoch": epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
-                "reward_mean": float(finite.mean()), "reward_std": float(finite.std()), **metrics,
-                "samples": int(rewards.size), "nonfinite_rewards": int(rewards.size - finite.size), **timings,
-                **{f"reward_info/{k}": v for k, v in report.numeric_means(samples.info).items()}}
 
     # ------------------------------------------------------------------------------------------------ sample, update
     def sample_epoch(self, epoch: int, update: bool = True) -> tuple[EpochSamples, np.ndarray, dict, dict]:
@@ -318,15 +299,10 @@ class Trainer:
             out["errors"] = denoising_errors(self.model, self.sampler, self.denoiser, traj.final[rows], cond)
         return {key: out[key] for key in (*self.algo.needs, self.algo.targets)}
 
-    def backward(self, loss: torch.Tensor) -> None:
-        distributed.backward(self.accelerator, self.denoiser, loss)
-
     def optimizer_step(self) -> float:
         t = self.cfg.train
         lr = learning_rate(t.lr, t.lr_schedule, self.global_step, self.counts.updates_per_epoch * t.num_epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = distributed.optimizer_step(self.accelerator, self.denoiser, self.optimizer, self.params,
+        grad_norm = distributed.optimizer_step(self.accelerator, self.denoiser, self.optimizer, self.params, lr,
                                                t.max_grad_norm, partial(check_gradient, global_step=self.global_step))
         self.global_step += 1
         return grad_norm
@@ -335,7 +311,7 @@ class Trainer:
         """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model)."""
         if not self.cfg.model.use_lora:
             return None
-        with self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast():
             kl = kl_to_base(self.model, self.sampler, self.unwrapped, samples.trajectory, samples.prompts,
                             self.training_guidance)
         return float(self.accelerator.reduce(kl, "mean"))
@@ -400,16 +376,12 @@ class Trainer:
         """Continue from checkpoint ``path`` (weights loaded): optimizer, books, counters. Returns where later
         checkpoints of the run were moved, if any (an older one's successors go to ``superseded/``)."""
         checkpoint.restore_optimizer(self.accelerator, self.denoiser, self.optimizer, state, path)
-        for line in skipped if self.is_main else []:
-            console.print(f"[yellow]skipped an unreadable checkpoint: {escape(line)}[/]", highlight=False)
         self.tracker.load_state_dict(state["stat_tracker"])
         self.global_step = int(state["global_step"])
         self.start_epoch = int(state["epoch"]) + 1
         superseded = supersede_after(self.run_dir, int(state["epoch"])) if self.is_main else None
         if self.is_main:
-            console.print(f"[green]resumed from {path}: epoch {self.start_epoch}, global step {self.global_step}[/]")
-            if superseded:
-                console.print(f"[yellow]later checkpoints and metrics of this run moved to {superseded}[/]")
+            report.print_resumed(path, skipped, self.start_epoch, self.global_step, superseded)
         return superseded
 
     def cleanup(self, wait: bool = True) -> None:

@@ -17,11 +17,13 @@ from typing import Optional
 
 import torch
 
+from .distributed import from_main
 from .models import adapters_disabled
 from .monitors.base import Drawn, Monitor
 from .monitors.rules import StopRule, fired, is_new_best
 from .monitors.settings import ROW_VALUES
 from .probe import fixed_sampler_config
+from .report import monitor_history
 from .rollout import latents_from_seeds
 from .runtime import derive_seed
 from .samplers import build_sampler
@@ -114,11 +116,20 @@ class Watch:
         return Verdict(stop, best)
 
 
-def start_watch(cfg, plan, model, denoiser, device, autocast, run_dir: Path, history: list[dict],
-                write: bool) -> Optional[Watch]:
+def epoch_verdict(watch: Optional[Watch], accelerator, epoch: int, denoiser, row: dict) -> Verdict:
+    """The monitors' values into ``row`` on a check epoch, and what the rules say, decided by the main process for
+    all: ``monitor_stop`` names a rule that fired, ``monitor_best`` marks a new best by checkpoint.best_by."""
+    row.update(watch.row(epoch, denoiser, row) if watch else {})
+    verdict = from_main(accelerator, watch.verdict(row) if watch else Verdict())
+    row.update({"monitor_stop": verdict.stop} if verdict.stop else {},
+               **({"monitor_best": True} if verdict.best else {}))
+    return verdict
+
+
+def start_watch(cfg, plan, model, denoiser, device, autocast, run_dir: Path, write: bool) -> Optional[Watch]:
     """The run's :class:`Watch`, the base measured (or read back); None when ``monitor.every`` is 0, or when no
     monitor, rule or ``checkpoint.best_by`` is chosen. ``plan``: the run's :class:`~ddpo_cli.config.RunPlan`;
-    ``history``: the checks of the epochs already run; ``write``: this process keeps the base values."""
+    ``write``: this process keeps the base values."""
     settings = plan.monitor_settings
     if not settings["every"] or not (plan.monitors or plan.stop_rules or cfg.checkpoint.best_by):
         return None
@@ -126,5 +137,5 @@ def start_watch(cfg, plan, model, denoiser, device, autocast, run_dir: Path, his
     watch = Watch(plan.monitors, settings, plan.stop_rules, prompt_set, model,
                   build_sampler(fixed_sampler_config(cfg.sampler), model), cfg.sampler.guidance_scale, device,
                   autocast, cfg.seed, cfg.train.num_epochs, cfg.checkpoint.best_by, cfg.checkpoint.best_mode)
-    watch.start(denoiser, cfg.model.use_lora, run_dir, history, write)
+    watch.start(denoiser, cfg.model.use_lora, run_dir, monitor_history(run_dir), write)
     return watch
