@@ -17,6 +17,7 @@ from .distributed import (load_deepspeed_state, load_optimizer_state, save_deeps
                           whole_optimizer_state, whole_weights)
 from .errors import UserError, brief
 from .models import ModelFamily
+from .old_policy import OldPolicy
 from .runs import STATE_FILE, checkpoint_dir, list_checkpoints, read_state
 
 BEST_DIR = "best"  # checkpoints/best/: the checkpoint of the best check by checkpoint.best_by
@@ -33,8 +34,9 @@ def write_weights(model: ModelFamily, denoiser, folder: Path, use_lora: bool,
 
 
 def save(accelerator, model: ModelFamily, denoiser, optimizer, state: dict, run_dir: Path, epoch: int,
-         use_lora: bool, keep_last: int | None) -> Path:
-    """Write checkpoint ``epoch`` atomically on the main process; all processes gather and wait for it."""
+         use_lora: bool, keep_last: int | None, old_policy: OldPolicy | None = None) -> Path:
+    """Write checkpoint ``epoch`` atomically on the main process; all processes gather and wait for it (and the
+    algorithm's old policy, if it keeps one)."""
     final = checkpoint_dir(run_dir, epoch)
     staging = final.parent / f".{final.name}.tmp"
     unwrapped = accelerator.unwrap_model(denoiser)
@@ -52,6 +54,8 @@ def save(accelerator, model: ModelFamily, denoiser, optimizer, state: dict, run_
             staging.mkdir(parents=True, exist_ok=True)
             write_weights(model, unwrapped, staging, use_lora, weights)
             torch.save({**state, "epoch": epoch, "optimizer": optimizer_state}, staging / STATE_FILE)
+            if old_policy is not None:
+                old_policy.save(staging)
         except OSError as exc:  # a full disk or a folder made read-only: the earlier checkpoints stay as they were
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"cannot write checkpoint {final} ({exc.strerror or exc}): free some space, then resume "
@@ -126,6 +130,17 @@ def resume(model: ModelFamily, denoiser, requested: Path, use_lora: bool) -> tup
         return path, state, skipped
     raise UserError(f"cannot resume from {requested}: {skipped[0] if skipped else 'no checkpoint'}; resume with the "
                     f"model and model.lora settings of the run that wrote it")
+
+
+def restore_old_policy(old_policy: OldPolicy | None, path: Path) -> None:
+    """The old policy's weights of checkpoint ``path`` (for an algorithm that keeps one)."""
+    if old_policy is None:
+        return
+    try:
+        old_policy.load(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{path} has no old policy this run can use ({brief(exc, 200)}): resume a run of the same "
+                        f"algorithm and model settings") from None
 
 
 def restore_optimizer(accelerator, denoiser, optimizer, state: dict, path: Path) -> None:

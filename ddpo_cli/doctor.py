@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -23,6 +24,7 @@ from . import checkpoint
 from .config import plan_run
 from .errors import UserError
 from .models import adapters_disabled
+from .pairs import draw_forward
 from .probe import fixed_sampler_config, plan_probe, probe_images
 from .rollout import kl_to_base, policy_step, trained_steps
 from .samplers import build_sampler, noise_key
@@ -68,11 +70,11 @@ def run_doctor(cfg: DictConfig) -> tuple[list[Check], list[tuple[str, str]]]:
     try:
         trainer.setup()
         mini = mini_epoch(trainer)
-        pairs = log_prob_pairs(trainer, mini)
+        pairs, trained = log_prob_pairs(trainer, mini), update_pairs(trainer, mini)
         checks += [ratio_at_first_update(trainer, mini, pairs), log_prob_chunking(trainer, mini, pairs),
                    zero_noise_limit(trainer, mini), kl_to_base_check(trainer, mini), reward_contract(trainer, mini),
-                   paired_measure_check(trainer), only_trainable_get_gradients(trainer, mini, pairs)]
-        info = [("seconds / epoch (estimated)", seconds_per_epoch(trainer, mini, pairs))]
+                   paired_measure_check(trainer), only_trainable_get_gradients(trainer, mini, trained)]
+        info = [("seconds / epoch (estimated)", seconds_per_epoch(trainer, mini, trained))]
         checks.append(save_resume_round_trip(trainer))
         return checks, info
     finally:
@@ -105,14 +107,36 @@ def mini_epoch(trainer) -> MiniEpoch:
 
 def log_prob_pairs(trainer, mini: MiniEpoch) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Up to :data:`PAIRS` (sample, step) pairs of the trained steps, spread over the samples; None when the run
-    trains no stored step (reward backprop, or no update at all)."""
-    if mini.samples is None or trainer.algo.rollout != "sample":
+    trains no stored step (reward backprop, forward-process rules, or no update at all)."""
+    if mini.samples is None or trainer.algo.rollout != "sample" or trainer.algo.trains_on != "chain":
         return None
     steps = trained_steps(trainer.sampler, trainer.counts.window).tolist()
     n = len(mini.samples.prompts)
     rows = torch.arange(n).repeat_interleave(len(steps))[:PAIRS]
     cols = torch.tensor(steps * n)[:PAIRS]
     return rows, cols
+
+
+def update_pairs(trainer, mini: MiniEpoch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The pairs an update trains: the stored steps, or (forward-process rules) each sample at one fresh noise
+    level, drawn as an epoch draws them."""
+    if trainer.algo.trains_on != "forward" or mini.samples is None:
+        return log_prob_pairs(trainer, mini)
+    n = len(mini.samples.prompts)
+    targets = made_up_targets(trainer, n)
+    partners = targets[:, 0] if trainer.algo.targets == "pairs" else None
+    trainer.draws = draw_forward(trainer.sampler, n, 1, trainer.model.latent_shape(), torch.Generator().manual_seed(0),
+                                 trainer.device, partners)
+    return torch.arange(n), torch.zeros(n, dtype=torch.long)
+
+
+def made_up_targets(trainer, n: int) -> torch.Tensor:
+    """Targets of ``n`` samples from made-up rewards ``-1 .. 1`` (non-zero advantages, distinct preferences)."""
+    rewards = np.linspace(-1.0, 1.0, n)
+    algo = trainer.algo
+    targets = rewards if algo.targets == "advantages" else \
+        algo.targets_from_rewards(rewards[::-1].copy(), trainer.cfg.sampler.group_size)
+    return torch.as_tensor(targets, dtype=torch.float32, device=trainer.device)
 
 
 def recomputed_log_probs(trainer, mini: MiniEpoch, rows: torch.Tensor, cols: torch.Tensor,
@@ -202,6 +226,8 @@ def kl_to_base_check(trainer, mini: MiniEpoch) -> Check:
         return Check(name, "full fine-tuning keeps no base model", "-", None)
     if mini.samples is None:
         return Check(name, NO_STORED_STEPS, "-", None)
+    if not len(trained_steps(trainer.sampler, (0, trainer.sampler.num_steps))):
+        return Check(name, "a deterministic sampler has no step distribution", "-", None)
     traj, prompts = mini.samples.trajectory, mini.samples.prompts
     args = (trainer.model, trainer.sampler, trainer.unwrapped, traj, prompts, trainer.training_guidance)
     with torch.no_grad(), trainer.accelerator.autocast():
@@ -308,9 +334,7 @@ def only_trainable_get_gradients(trainer, mini: MiniEpoch, pairs) -> Check:
         return Check(name, NO_STORED_STEPS, "-", None)
     rows, cols = pairs
     samples = mini.samples
-    targets = torch.linspace(-1.0, 1.0, len(samples.prompts), device=trainer.device)  # non-zero advantages
-    if trainer.algo.targets == "weights":
-        targets = targets.abs() + 0.5
+    targets = made_up_targets(trainer, len(samples.prompts))
     trainer.optimizer.zero_grad(set_to_none=True)
     loss_backward(trainer, samples, targets, rows, cols)
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -334,7 +358,7 @@ def seconds_per_epoch(trainer, mini: MiniEpoch, pairs) -> str:
     sample = mini.sample_seconds * trainer.cfg.sampler.num_batches_per_epoch
     rows, cols = pairs
     start = time.perf_counter()
-    loss_backward(trainer, mini.samples, torch.zeros(len(mini.samples.prompts), device=trainer.device), rows, cols)
+    loss_backward(trainer, mini.samples, made_up_targets(trainer, len(mini.samples.prompts)), rows, cols)
     per_pair = (time.perf_counter() - start) / rows.numel()
     trainer.optimizer.zero_grad(set_to_none=True)
     update = per_pair * counts.pairs_per_update * counts.updates_per_epoch * trainer.cfg.train.num_inner_epochs

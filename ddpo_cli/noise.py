@@ -119,7 +119,13 @@ class MirroredNoise(GroupNoise):
 
 
 def batch_noise(sampler_cfg) -> GroupNoise:
-    """The strategy of ``sampler_cfg`` (checked by :func:`check_noise`)."""
+    """The strategy of ``sampler_cfg`` (checked by :func:`check_noise`). A deterministic sampler's group would be
+    ``group_size`` copies of one image: there each image of a group gets its own initial noise (the group is then
+    the prompt's images, as forward-process algorithms draw them)."""
+    from .samplers import stochastic_steps
+
+    if not stochastic_steps(sampler_cfg):
+        return GroupNoise(1)
     kind = BranchedNoise if sampler_cfg.branch else MirroredNoise if sampler_cfg.antithetic else GroupNoise
     return kind(sampler_cfg.group_size)
 

@@ -10,6 +10,7 @@ import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -24,22 +25,22 @@ from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
 from . import distributed
 from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step, strategy
+from .errors import UserError
 from .guards import check_gradient, check_rewards, check_weights
-from .models import adapters_disabled, load_model, resolve_model_path
+from .models import load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
+from .old_policy import OldPolicy
+from .pairs import PairSource, draw_forward, needs_recorded_outputs, pair_tensors
 from .probe import describe_sampler, start_paired_measure
 from .prompts.run_files import HELDOUT_PROMPTS_FILE, PROMPTS_FILE, prepare_run_sets
 from .report import console, warn
-from .rollout import denoising_errors, kl_to_base, policy_step, preservation_drift, run_chain, trained_steps
+from .rollout import kl_to_base, preservation_drift, run_chain, trained_steps
 from .runs import lock_run, supersede_after
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
 from .samplers import build_sampler
 from .watch import Verdict, epoch_verdict, start_watch
 from .schedules import learning_rate
-
-POLICY_TENSORS = {"log_prob", "mean", "std", "output", "clean_estimate"}
-BASE_TENSORS = {"base_mean", "base_output"}
 
 
 class Trainer:
@@ -85,6 +86,10 @@ class Trainer:
         self.unwrapped = self.accelerator.unwrap_model(self.denoiser)
         self.backward = partial(distributed.backward, self.accelerator, self.denoiser)  # the strategy's backward
         self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards, ZeRO-3 emptied them
+        self.old_policy = self.make_old_policy()
+        self.pair_source = PairSource(self.model, self.sampler, self.denoiser, self.unwrapped, self.training_guidance,
+                                      self.old_policy)
+        self.draws = None  # forward-process algorithms: the epoch's noise levels and noise
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # The reward thread gets its own small torch thread team: a second full-size OpenMP team (created the first
         # time that thread runs a torch op) slows every later op of the main thread ~1.7x on a 2-core CPU.
@@ -108,6 +113,15 @@ class Trainer:
                                            resumed=self.start_epoch > 0) if self.is_main or self.sharded else None
         self.watch = start_watch(cfg, plan, self.model, self.unwrapped, self.device, self.accelerator.autocast,
                                  self.run_dir, write=self.is_main) if self.is_main or self.sharded else None
+
+    def make_old_policy(self) -> OldPolicy | None:
+        if self.algo.old_policy is None:
+            return None
+        if self.sharded:
+            raise UserError(f"algo={self.algo.name} keeps a copy of the trained weights (its old policy), which ddpo "
+                            f"does not shard yet: train it with DDP or DeepSpeed ZeRO-2, not "
+                            f"{strategy(self.accelerator)}")
+        return OldPolicy(self.params, *self.algo.old_policy)
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -162,6 +176,8 @@ class Trainer:
         rewards = self.gathered_rewards(samples, epoch)
         start = time.perf_counter()
         metrics = self.update_epoch(epoch, samples, self.training_targets(samples, rewards, epoch)) if update else {}
+        if self.old_policy is not None and update:
+            metrics["old_policy_decay"] = self.old_policy.update()
         timings["train_seconds"] = time.perf_counter() - start
         every = self.cfg.log.kl_to_base_every
         if every and epoch % every == 0:
@@ -175,12 +191,13 @@ class Trainer:
         trained = trained_steps(self.sampler, self.counts.window)
         books, start = EpochBooks(cfg.log.grid_images), time.perf_counter()
         self.denoiser.eval()
-        for _ in range(cfg.sampler.num_batches_per_epoch):
-            prompts, metadata = self.prompt_set.draw(cfg.sampler.batch_size, rng, cfg.sampler.group_size)
-            trajectory, images = self.sample_batch(prompts, generator, trained)
-            reward = self.executor.submit(self.reward_fn, images, prompts, metadata) if cfg.log.async_reward else \
-                self.reward_fn(images, prompts, metadata)
-            books.add(prompts, metadata, reward, images, trajectory)
+        with self.old_policy.swapped_in() if self.algo.samples_with_old_policy else nullcontext():
+            for _ in range(cfg.sampler.num_batches_per_epoch):
+                prompts, metadata = self.prompt_set.draw(cfg.sampler.batch_size, rng, cfg.sampler.group_size)
+                trajectory, images = self.sample_batch(prompts, generator, trained)
+                reward = self.executor.submit(self.reward_fn, images, prompts, metadata) if cfg.log.async_reward \
+                    else self.reward_fn(images, prompts, metadata)
+                books.add(prompts, metadata, reward, images, trajectory)
         sample_seconds = time.perf_counter() - start
         samples, waited = books.close(self.device)
         return samples, {"sample_seconds": sample_seconds, "reward_seconds": waited}
@@ -192,7 +209,7 @@ class Trainer:
         with self.accelerator.autocast():
             _, trajectory = run_chain(self.model, self.sampler, self.unwrapped, noise.initial, self.model.encode(prompts),
                                       self.cfg.sampler.guidance_scale, noise.steps, record=True,
-                                      record_outputs="old_clean_estimate" in self.algo.needs)
+                                      record_outputs=needs_recorded_outputs(self.algo.needs))
         trajectory.branch = noise.branch
         return trajectory, self.model.decode(trajectory.final)
 
@@ -204,17 +221,17 @@ class Trainer:
         return rewards
 
     def training_targets(self, samples: EpochSamples, rewards: np.ndarray, epoch: int) -> torch.Tensor:
-        """This rank's per-sample targets from everyone's rewards: the algorithm's weights, or advantages (permuted
-        across the batch in a control run, ``advantage.shuffle``)."""
+        """This rank's per-sample targets from everyone's rewards: advantages, or the algorithm's own (weights,
+        preference pairs); scrambled by the algorithm in a control run (``advantage.shuffle``)."""
         cfg = self.cfg
-        if self.algo.targets == "weights":
-            targets = self.algo.weights(rewards)
-        else:
+        if self.algo.targets == "advantages":
             prompts = gathered_prompts(self.accelerator, samples.prompts)
             targets = compute_advantages(cfg.advantage.mode, rewards, prompts, self.tracker, cfg.sampler.group_size,
                                          cfg.sampler.antithetic)
+        else:
+            targets = self.algo.targets_from_rewards(rewards, cfg.sampler.group_size)
         if cfg.advantage.shuffle:
-            targets = targets[np.random.default_rng(derive_seed(cfg.seed, epoch, "control")).permutation(targets.size)]
+            targets = self.algo.shuffled(targets, np.random.default_rng(derive_seed(cfg.seed, epoch, "control")))
         n, rank = len(samples.prompts), self.accelerator.process_index
         return torch.as_tensor(targets[rank * n:(rank + 1) * n], dtype=torch.float32, device=self.device)
 
@@ -231,7 +248,12 @@ class Trainer:
         self.denoiser.train()
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
-            if samples.trajectory.branch is not None:
+            if self.algo.trains_on == "forward":  # columns index the samples' fresh noise levels
+                partners = targets[:, 0] if self.algo.targets == "pairs" else None
+                self.draws = draw_forward(self.sampler, n_samples, self.counts.train_timesteps,
+                                          self.model.latent_shape(), generator, self.device, partners)
+                steps = torch.arange(self.counts.train_timesteps).expand(n_samples, -1)
+            elif samples.trajectory.branch is not None:
                 steps = samples.trajectory.branch.cpu()[:, None]
             else:
                 steps = torch.stack([trained[torch.randperm(len(trained), generator=generator)]
@@ -276,28 +298,7 @@ class Trainer:
 
     def pair_tensors(self, samples: EpochSamples, targets: torch.Tensor, rows: torch.Tensor,
                      cols: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Exactly the per-pair tensors the algorithm's loss declares (``algo.needs``) plus its targets."""
-        needs, traj = set(self.algo.needs), samples.trajectory
-        cond = self.model.encode([samples.prompts[i] for i in rows.tolist()])       # [P] rows
-        step = (traj.latents[rows, cols], traj.next_latents[rows, cols], traj.steps[rows, cols], cond,
-                self.training_guidance)
-        out = {self.algo.targets: targets[rows]}
-        if "old_log_prob" in needs:
-            out["old_log_prob"] = traj.log_probs[rows, cols]
-        if needs & POLICY_TENSORS:
-            out.update(policy_step(self.model, self.sampler, self.denoiser, *step))
-        if needs & BASE_TENSORS:
-            with torch.no_grad(), adapters_disabled(self.unwrapped):
-                base = policy_step(self.model, self.sampler, self.unwrapped, *step)
-            out.update(base_mean=base["mean"], base_output=base["output"])
-        if "old_clean_estimate" in needs:
-            out["old_clean_estimate"] = self.sampler.clean_estimate(traj.outputs[rows, cols], traj.latents[rows, cols],
-                                                                    traj.steps[rows, cols])
-        if "clean_latents" in needs:
-            out["clean_latents"] = traj.final[rows].float()
-        if "errors" in needs:
-            out["errors"] = denoising_errors(self.model, self.sampler, self.denoiser, traj.final[rows], cond)
-        return {key: out[key] for key in (*self.algo.needs, self.algo.targets)}
+        return pair_tensors(self.pair_source, self.algo, samples, targets, rows, cols, self.draws)
 
     def optimizer_step(self) -> float:
         t = self.cfg.train
@@ -308,8 +309,9 @@ class Trainer:
         return grad_norm
 
     def kl_reading(self, samples: EpochSamples) -> float | None:
-        """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model)."""
-        if not self.cfg.model.use_lora:
+        """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model; and
+        for a deterministic sampler: no step distribution)."""
+        if not self.cfg.model.use_lora or not len(trained_steps(self.sampler, (0, self.sampler.num_steps))):
             return None
         with torch.no_grad(), self.accelerator.autocast():
             kl = kl_to_base(self.model, self.sampler, self.unwrapped, samples.trajectory, samples.prompts,
@@ -370,12 +372,13 @@ class Trainer:
         state = {"global_step": self.global_step, "stat_tracker": self.tracker.state_dict(),
                  "seed": self.cfg.seed, "config": json.dumps(OmegaConf.to_container(self.cfg, resolve=True))}
         return checkpoint.save(self.accelerator, self.model, self.denoiser, self.optimizer, state, self.run_dir,
-                               epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last)
+                               epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last, self.old_policy)
 
     def resume(self, path: Path, state: dict, skipped: list[str]) -> Path | None:
         """Continue from checkpoint ``path`` (weights loaded): optimizer, books, counters. Returns where later
         checkpoints of the run were moved, if any (an older one's successors go to ``superseded/``)."""
         checkpoint.restore_optimizer(self.accelerator, self.denoiser, self.optimizer, state, path)
+        checkpoint.restore_old_policy(self.old_policy, path)
         self.tracker.load_state_dict(state["stat_tracker"])
         self.global_step = int(state["global_step"])
         self.start_epoch = int(state["epoch"]) + 1

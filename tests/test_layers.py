@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpo_cli"
 LAYERS = [
     {"__main__", "cli"},
     {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster", "planner", "doctor"},
-    {"checkpoint", "probe", "rollout", "report", "guards", "books", "distributed", "watch"},
+    {"checkpoint", "probe", "pairs", "report", "guards", "books", "distributed", "watch"},
+    {"rollout", "old_policy"},
     {"config", "monitors"},
     {"algorithms", "rewards", "prompts", "clients", "advantages",
      "toyworld"},

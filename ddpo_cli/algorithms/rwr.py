@@ -50,6 +50,9 @@ class RWR(Algorithm):
                 softmax_weights(kept, self.beta)
         return weights
 
+    def targets_from_rewards(self, rewards: np.ndarray, group_size: int) -> np.ndarray:
+        return self.weights(rewards)
+
     def loss(self, errors: torch.Tensor, weights: torch.Tensor, **_) -> tuple[torch.Tensor, dict]:
         """``errors`` ``[N]`` per-pair mean squared denoising error; ``weights`` ``[N]`` its sample's weight."""
         loss = (weights * errors).mean()

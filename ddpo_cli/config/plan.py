@@ -24,11 +24,12 @@ class Counts:
     num_processes: int
     samples_per_epoch: int        # over all processes
     samples_per_process: int
-    train_timesteps: int          # trained steps per trajectory
+    train_timesteps: int          # trained steps per trajectory (forward-process algorithms: fresh noise levels)
     window: tuple[int, int]       # step indices [first, end) that training timesteps are drawn from
     trainable: tuple[int, ...]    # the stochastic steps inside that window (epoch 0; an SDE window may slide)
     updates_per_epoch: int        # optimizer steps per epoch (all inner epochs)
     pairs_per_update: int         # (sample, timestep) pairs per optimizer step per process
+    fresh_noise: bool = False     # the pairs are the samples noised afresh, not the chain's stored steps
 
     def for_processes(self, num_processes: int) -> "Counts":
         """The same per-process counts over ``num_processes`` processes."""
@@ -36,9 +37,11 @@ class Counts:
                        samples_per_epoch=self.samples_per_process * num_processes)
 
     def as_rows(self) -> list[tuple[str, str]]:
+        trained = (f"{self.train_timesteps} fresh noise level(s) (forward process)" if self.fresh_noise else
+                   f"{self.train_timesteps} of {len(self.trainable)} stochastic steps {_ranges(self.trainable)} "
+                   f"(window {self.window[0]}..{self.window[1] - 1})")
         return [("samples / epoch", str(self.samples_per_epoch)),
-                ("trained timesteps / sample", f"{self.train_timesteps} of {len(self.trainable)} stochastic steps "
-                                               f"{_ranges(self.trainable)} (window {self.window[0]}..{self.window[1] - 1})"),
+                ("trained timesteps / sample", trained),
                 ("updates / epoch", str(self.updates_per_epoch)),
                 ("(sample, timestep) pairs / update / process", str(self.pairs_per_update))]
 
@@ -145,11 +148,15 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
     prompts = build(cfg.prompts, "prompts")
     algorithm.check(cfg, reward)
     counts = derive_counts(cfg)
-    if algorithm.rollout == "sample":
+    if algorithm.trains_on == "forward":
+        per_update = counts.pairs_per_update // counts.train_timesteps * algorithm.times_per_sample
+        counts = replace(counts, train_timesteps=algorithm.times_per_sample, fresh_noise=True,
+                         pairs_per_update=per_update)
+    elif algorithm.rollout == "sample":
         check_trained_steps(cfg, counts)
     require(cfg.advantage.mode != "group" or algorithm.targets == "advantages",
-            f"advantage.mode=group works with algorithms that take advantages (ddpo_is, ddpo_sf, dpok, nft), not "
-            f"{algorithm.name}")
+            f"advantage.mode=group works with algorithms that take advantages (ddpo_is, ddpo_sf, dpok, grpo_guard, "
+            f"dppo, awm, nft), not {algorithm.name}")
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
     warnings = algorithm.warnings(cfg, counts) + (resume_changes(cfg, resume) if resume else [])
     heldout_name = cfg.log.paired.heldout

@@ -127,17 +127,17 @@ def test_alignprop_gradients_reach_lora_only(make_trainer, truncation):
 
 def test_timestep_window_trains_only_the_window(make_trainer, monkeypatch):
     # 4 steps, window [0, 0.5]: every trained (sample, step) pair is one of the first two denoising steps
-    import ddpo_cli.trainer
+    import ddpo_cli.pairs
 
     trainer = make_trainer("sampler.num_steps=4", "train.timestep_window=[0,0.5]")
     samples, _ = trainer.sample(0)
-    seen, original = [], ddpo_cli.trainer.policy_step
+    seen, original = [], ddpo_cli.pairs.policy_step
 
     def recording(model, sampler, denoiser, latents, next_latents, steps, cond, guidance):
         seen.extend(int(i) for i in steps.tolist())
         return original(model, sampler, denoiser, latents, next_latents, steps, cond, guidance)
 
-    monkeypatch.setattr(ddpo_cli.trainer, "policy_step", recording)
+    monkeypatch.setattr(ddpo_cli.pairs, "policy_step", recording)
     trainer.update_epoch(0, samples, torch.ones(2))
     assert sorted(seen) == [0, 0, 1, 1]  # 2 samples x both window steps, nothing else
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from ddpo_cli.algorithms.nft import NFT, nft_loss, optimality_probability
+from ddpo_cli.algorithms.nft import nft_loss, optimality_probability
+from ddpo_cli.algorithms.nft_chain import NFTChain as NFT
 from ddpo_cli.models.tiny import SCHEDULER_CONFIG
 from ddpo_cli.rollout import Trajectory
 from ddpo_cli.samplers.ddim import DDIMSampler
@@ -98,7 +99,7 @@ def test_trajectories_concatenate_with_and_without_outputs():
 
 
 def test_nft_in_the_trainer_starts_at_the_recorded_policy_and_trains_lora_only(make_trainer):
-    trainer = make_trainer("algo=nft", "advantage.mode=batch")
+    trainer = make_trainer("algo=nft_chain", "advantage.mode=batch")
     perturb_lora(trainer)   # a policy that is not the base model
     samples, _ = trainer.sample(0)
     assert samples.trajectory.outputs is not None

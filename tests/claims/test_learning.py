@@ -168,22 +168,22 @@ def test_the_same_run_with_shuffled_advantages_does_not_learn(overrides):
     assert gain < MARGIN_KB, gain
 
 
-# DiffusionNFT (algo=nft, the experiment's lr 3e-3 and window): the advantage-weighted denoising loss, with the
-# sampling policy's own prediction as the anchor, so that zero advantages give no gradient. Unlike the policy
-# gradients above it moves the JPEG size both ways against its controls, incompressibility included, where
+# DiffusionNFT on the chain (algo=nft_chain, the experiment's lr 3e-3 and window): the advantage-weighted denoising
+# loss, with the sampling policy's own prediction as the anchor, so that zero advantages give no gradient. Unlike the
+# policy gradients above it moves the JPEG size both ways against its controls, incompressibility included, where
 # ddpo_sf's control drifts by +0.264 kB. Measured (kB, seed 0, threads=1): compressibility +0.175 (control +0.021),
 # incompressibility +0.197 (control -0.012).
 @pytest.mark.claims
 @pytest.mark.parametrize("reward", ["jpeg_compressibility", "jpeg_incompressibility"])
 def test_nft_moves_jpeg_size_both_ways(reward):
-    gain = unconditional_jpeg_gain(reward, 0, "algo=nft")
+    gain = unconditional_jpeg_gain(reward, 0, "algo=nft_chain")
     assert gain > MARGIN_KB, gain
 
 
 @pytest.mark.claims
 @pytest.mark.parametrize("reward", ["jpeg_compressibility", "jpeg_incompressibility"])
 def test_nft_with_shuffled_advantages_does_not(reward):
-    gain = unconditional_jpeg_gain(reward, 0, "algo=nft", "advantage.shuffle=true")
+    gain = unconditional_jpeg_gain(reward, 0, "algo=nft_chain", "advantage.shuffle=true")
     assert gain < MARGIN_KB, gain
 
 

@@ -31,7 +31,8 @@ def doctor(*overrides: str):
 @pytest.mark.parametrize("overrides", [
     ["model=tiny"], ["model=tiny_sdxl"], ["model=tiny_sd3", "sampler=flow_sde"], ["model=tiny_flux", "sampler=flow_sde"],
     ["model=tiny", "algo=ddpo_sf"], ["model=tiny", "algo=rwr"], ["model=tiny", "algo=rwr_sparse"],
-    ["model=tiny", "algo=dpok"], ["model=tiny_sd3", "sampler=flow_sde", "algo=nft"],
+    ["model=tiny", "algo=dpok"], ["model=tiny_sd3", "sampler=flow_sde", "algo=nft_chain"],
+    ["model=tiny_sd3", "sampler=flow_ode", "algo=nft"], ["model=tiny", "algo=dpo", "sampler.group_size=2"],
     ["model=tiny", "algo=alignprop", "reward=custom", "sampler.eta=0"],
     ["model=tiny", "algo=draft", "reward=custom", "sampler.eta=0"], ["model=tiny", "algo=baseline"],
     ["model=tiny", "model.use_lora=false"],
@@ -44,8 +45,9 @@ def test_the_doctor_passes_on_every_family_and_algorithm(overrides, cache_dir):
 
 
 FAMILIES = {"tiny": [], "tiny_sdxl": [], "tiny_sd3": ["sampler=flow_sde"], "tiny_flux": ["sampler=flow_sde"]}
-ALGORITHMS = {"ddpo_is": [], "ddpo_sf": [], "rwr": [], "rwr_sparse": [], "dpok": [], "nft": [], "baseline": [],
-              "alignprop": ["reward=custom"], "draft": ["reward=custom"]}
+ALGORITHMS = {"ddpo_is": [], "ddpo_sf": [], "rwr": [], "rwr_sparse": [], "dpok": [], "nft_chain": [], "baseline": [],
+              "alignprop": ["reward=custom"], "draft": ["reward=custom"], "nft": [], "awm": [],
+              "dpo": ["sampler.group_size=2"], "grpo_guard": [], "dppo": []}
 
 
 @pytest.mark.matrix

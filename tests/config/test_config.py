@@ -17,6 +17,7 @@ NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompt
          ("prompts", "geneval"): [f"prompts.path={DATA / 'geneval_sample.jsonl'}"],
          ("prompts", "drawbench"): [f"prompts.path={DATA / 'drawbench_sample.csv'}"],
          ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"],
+         ("algo", "dpo"): ["sampler.group_size=2", "sampler.batch_size=2"],
          **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},
          ("sampler", "flow_ode"): ["model=tiny_sd3", "algo=draft", "reward=clip_score"],
          **{("model", name): ["sampler=flow_sde"] for name in ("sd3", "sd35_medium", "tiny_sd3", "flux_dev",

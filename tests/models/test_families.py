@@ -91,7 +91,7 @@ def sdxl_sweep(tmp_path_factory, cache_dir) -> Path:
     differentiable, so the backprop algorithms run too)."""
     sweep = tmp_path_factory.mktemp("sdxl")
     ok(ddpo("train", "-m", "model=tiny_sdxl", *STEPS, "train.num_epochs=1", "reward=custom",
-               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
+               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft_chain,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
 
@@ -151,7 +151,7 @@ def sd3_sweep(tmp_path_factory, cache_dir) -> Path:
     """Every algorithm, one epoch each, on the tiny SD3 (flow) model with Flow-GRPO's SDE, in one process."""
     sweep = tmp_path_factory.mktemp("sd3")
     ok(ddpo("train", "-m", "model=tiny_sd3", "sampler=flow_sde", *STEPS, "train.num_epochs=1", "reward=custom",
-               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
+               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft_chain,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
 
@@ -200,7 +200,7 @@ def flux_sweep(tmp_path_factory, cache_dir) -> Path:
     sweep = tmp_path_factory.mktemp("flux")
     ok(ddpo("train", "-m", "model=tiny_flux", "sampler=flow_sde", "sampler.guidance_scale=3.5", *STEPS,
                "train.num_epochs=1", "reward=custom",
-               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
+               "algo=ddpo_is,ddpo_sf,dpok,rwr,rwr_sparse,nft_chain,baseline,alignprop,draft", f"hydra.sweep.dir={sweep}"))
     return sweep
 
 

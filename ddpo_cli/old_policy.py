@@ -1,0 +1,73 @@
+"""A slowly updated copy of the trained weights (DiffusionNFT's old policy), kept beside them.
+
+After update ``k`` (one per epoch): ``old <- eta old + (1 - eta) theta``, ``eta = min(increment x k, max)``. The copy
+is used by swapping it into the trained parameters in place (:meth:`OldPolicy.swapped_in`) for a forward pass
+without gradient, and swapping the trained values back bit for bit, so the model is never held twice in the graph.
+It lives on the same device and in the same dtype as the trained parameters; checkpoints store it (exact resume).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+OLD_POLICY_FILE = "old_policy.safetensors"
+
+
+class OldPolicy:
+    def __init__(self, params: list[torch.nn.Parameter], increment: float, max_decay: float) -> None:
+        self.params, self.increment, self.max_decay = params, increment, max_decay
+        self.copies = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    def decay(self, k: int) -> float:
+        return min(self.increment * k, self.max_decay)
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """One soft update toward the trained weights; returns the decay used."""
+        self.updates += 1
+        eta = self.decay(self.updates)
+        for copy, param in zip(self.copies, self.params):
+            copy.mul_(eta).add_(param.detach(), alpha=1 - eta)
+        return eta
+
+    @contextmanager
+    def swapped_in(self):
+        """The old weights in the trained parameters for the block (no gradient); the trained ones back after."""
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.params]
+            for param, copy in zip(self.params, self.copies):
+                param.copy_(copy)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, kept):
+                    param.copy_(value)
+
+    def distance(self) -> float:
+        """RMS difference between the old and the trained weights (a reading for the metrics)."""
+        total = sum(float(((c.float() - p.detach().float()) ** 2).sum()) for c, p in zip(self.copies, self.params))
+        count = sum(c.numel() for c in self.copies)
+        return (total / max(count, 1)) ** 0.5
+
+    def save(self, folder: Path) -> None:
+        save_file({f"{i}": c.detach().cpu().contiguous() for i, c in enumerate(self.copies)},
+                  str(Path(folder) / OLD_POLICY_FILE), metadata={"updates": str(self.updates)})
+
+    def load(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        path = Path(folder) / OLD_POLICY_FILE
+        tensors = load_file(str(path))
+        if len(tensors) != len(self.copies):
+            raise ValueError(f"{path} holds {len(tensors)} tensors, the run trains {len(self.copies)}")
+        with torch.no_grad():
+            for i, copy in enumerate(self.copies):
+                copy.copy_(tensors[str(i)])
+        with safe_open(str(path), "pt") as handle:
+            self.updates = int(handle.metadata()["updates"])
