@@ -24,7 +24,7 @@ from . import checkpoint
 from .config import plan_run
 from .errors import UserError
 from .models import adapters_disabled
-from .pairs import draw_forward
+from .pairs import draws_for
 from .probe import fixed_sampler_config, plan_probe, probe_images
 from .rollout import kl_to_base, policy_step, trained_steps
 from .samplers import build_sampler, noise_key
@@ -123,10 +123,8 @@ def update_pairs(trainer, mini: MiniEpoch) -> tuple[torch.Tensor, torch.Tensor] 
     if trainer.algo.trains_on != "forward" or mini.samples is None:
         return log_prob_pairs(trainer, mini)
     n = len(mini.samples.prompts)
-    targets = made_up_targets(trainer, n)
-    partners = targets[:, 0] if trainer.algo.targets == "pairs" else None
-    trainer.draws = draw_forward(trainer.sampler, n, 1, trainer.model.latent_shape(), torch.Generator().manual_seed(0),
-                                 trainer.device, partners)
+    trainer.draws = draws_for(trainer.algo, trainer.sampler, trainer.model, made_up_targets(trainer, n), 1,
+                              torch.Generator().manual_seed(0))
     return torch.arange(n), torch.zeros(n, dtype=torch.long)
 
 

@@ -13,7 +13,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 OLD_POLICY_FILE = "old_policy.safetensors"
+
+
+def old_policy_for(algo, params: list[torch.nn.Parameter], sharded: bool, strategy: str) -> "OldPolicy | None":
+    """The old policy of an algorithm that keeps one (``algo.old_policy``), else None."""
+    if algo.old_policy is None:
+        return None
+    if sharded:
+        raise UserError(f"algo={algo.name} keeps a copy of the trained weights (its old policy), which ddpo does not "
+                        f"shard yet: train it with DDP or DeepSpeed ZeRO-2, not {strategy}")
+    return OldPolicy(params, *algo.old_policy)
 
 
 class OldPolicy:

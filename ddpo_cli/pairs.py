@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .books import EpochSamples
 from .models import ModelFamily, adapters_disabled
 from .old_policy import OldPolicy
-from .rollout import denoising_errors, policy_step
+from .rollout import Trajectory, denoising_errors, policy_step
+from .runtime import derive_seed
 from .samplers import Sampler
 
 POLICY_TENSORS = {"log_prob", "mean", "std", "output", "clean_estimate"}
@@ -42,16 +44,27 @@ class ForwardDraws:
 
 
 def draw_forward(sampler: Sampler, n: int, times_per_sample: int, latent_shape: tuple, generator: torch.Generator,
-                 device, partners: torch.Tensor | None = None) -> ForwardDraws:
-    """``times_per_sample`` noise levels and noise draws per sample (a CPU ``generator``: the same on any device).
-    ``partners`` [N]: offsets to each sample's pair partner (0 = none); a pair's loser takes its winner's draws."""
+                 device, partners: torch.Tensor | None = None,
+                 noise_range: tuple[float, float] = (0.0, 1.0)) -> ForwardDraws:
+    """``times_per_sample`` noise levels (in ``noise_range``) and noise draws per sample (a CPU ``generator``: the
+    same on any device). ``partners`` [N]: offsets to each sample's pair partner (0 = none); a pair's second member
+    takes the first's draws."""
     noise = torch.randn((n, times_per_sample, *latent_shape), generator=generator)
-    times = sampler.training_times(n * times_per_sample, "cpu", generator=generator).view(n, times_per_sample)
+    times = sampler.training_times(n * times_per_sample, "cpu", generator,
+                                   tuple(noise_range)).view(n, times_per_sample)
     if partners is not None:
         for i, offset in enumerate(partners.long().tolist()):
             if offset > 0:  # i is the pair's first member: the second takes its draws
                 noise[i + offset], times[i + offset] = noise[i], times[i]
     return ForwardDraws(noise.to(device), times.to(device))
+
+
+def draws_for(algo, sampler: Sampler, model: ModelFamily, targets: torch.Tensor, times_per_sample: int,
+              generator: torch.Generator) -> ForwardDraws:
+    """The draws of a forward-process algorithm's samples (``targets`` [N] or [N, 2]: its pairs share theirs)."""
+    partners = targets[:, 0] if algo.targets == "pairs" else None
+    return draw_forward(sampler, len(targets), times_per_sample, model.latent_shape(), generator, targets.device,
+                        partners, algo.noise_range)
 
 
 def needs_recorded_outputs(needs) -> bool:
@@ -124,3 +137,51 @@ def forward_tensors(source: PairSource, algo, samples: EpochSamples, targets: to
             out["base_prediction"] = predict(source.unwrapped, noisy, cond)
     out["prediction"] = predict(source.denoiser, noisy, cond)
     return out
+
+
+class OfflinePairs:
+    """The pairs of a preference file (``algo=dpo_offline``), their images encoded once by the model's VAE."""
+
+    def __init__(self, pairs: list, model: ModelFamily, device, batch_size: int = 16) -> None:
+        from .preferences import load_image
+
+        self.prompts = [pair.prompt for pair in pairs]
+
+        def encoded(paths):
+            chunks = [torch.stack([load_image(p, model.resolution) for p in paths[i:i + batch_size]])
+                      for i in range(0, len(paths), batch_size)]
+            return torch.cat([model.encode_images(chunk) for chunk in chunks]).to(device)
+
+        self.chosen = encoded([pair.chosen for pair in pairs])
+        self.rejected = encoded([pair.rejected for pair in pairs])
+
+    @classmethod
+    def of(cls, algo, model: ModelFamily, device) -> "OfflinePairs | None":
+        return cls(algo.pairs(), model, device) if algo.rollout == "offline" else None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def order(self, seed: int, first: int, count: int) -> list[int]:
+        """Items ``first .. first + count - 1`` of an endless sequence of shuffled passes through the pairs."""
+        size, picked = len(self), []
+        for position in range(first, first + count):
+            rank = position // size
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+            picked.append(int(torch.randperm(size, generator=generator)[position % size]))
+        return picked
+
+    def epoch_samples(self, cfg, algo, epoch: int, n_pairs: int, process: int,
+                      processes: int) -> tuple[EpochSamples, torch.Tensor]:
+        """This process's ``n_pairs`` pairs of the epoch as samples ``[chosen..., rejected...]`` and their targets
+        ``[2 n, 2]`` (partner offset, side; swapped by the algorithm's coin flips in a control run)."""
+        picked = self.order(cfg.seed, (epoch * processes + process) * n_pairs, n_pairs)
+        final = torch.cat([self.chosen[picked], self.rejected[picked]])
+        prompts = [self.prompts[i] for i in picked] * 2
+        trajectory = Trajectory(None, None, None, None, final)
+        samples = EpochSamples(trajectory, prompts, [{}] * len(prompts), torch.zeros(len(prompts)), final[:0])
+        targets = np.concatenate([np.stack([np.full(n_pairs, n_pairs), np.ones(n_pairs)], 1),
+                                  np.stack([np.full(n_pairs, -n_pairs), -np.ones(n_pairs)], 1)]).astype(np.float64)
+        if cfg.advantage.shuffle:
+            targets = algo.shuffled(targets, np.random.default_rng(derive_seed(cfg.seed, epoch, process, "control")))
+        return samples, torch.as_tensor(targets, dtype=torch.float32, device=final.device)

@@ -25,12 +25,11 @@ from .books import EpochBooks, EpochSamples
 from .config import RunPlan, plan_run
 from . import distributed
 from .distributed import gathered_prompts, is_sharded, make_accelerator, mean_over_processes, micro_step, strategy
-from .errors import UserError
 from .guards import check_gradient, check_rewards, check_weights
 from .models import load_model, resolve_model_path
 from .noise import batch_noise, generator_noise
-from .old_policy import OldPolicy
-from .pairs import PairSource, draw_forward, needs_recorded_outputs, pair_tensors
+from .old_policy import old_policy_for
+from .pairs import OfflinePairs, PairSource, draws_for, needs_recorded_outputs, pair_tensors
 from .probe import describe_sampler, start_paired_measure
 from .prompts.run_files import HELDOUT_PROMPTS_FILE, PROMPTS_FILE, prepare_run_sets
 from .report import console, warn
@@ -86,7 +85,7 @@ class Trainer:
         self.unwrapped = self.accelerator.unwrap_model(self.denoiser)
         self.backward = partial(distributed.backward, self.accelerator, self.denoiser)  # the strategy's backward
         self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards, ZeRO-3 emptied them
-        self.old_policy = self.make_old_policy()
+        self.old_policy = old_policy_for(self.algo, self.params, self.sharded, strategy(self.accelerator))
         self.pair_source = PairSource(self.model, self.sampler, self.denoiser, self.unwrapped, self.training_guidance,
                                       self.old_policy)
         self.draws = None  # forward-process algorithms: the epoch's noise levels and noise
@@ -95,8 +94,9 @@ class Trainer:
         # time that thread runs a torch op) slows every later op of the main thread ~1.7x on a 2-core CPU.
         self.executor = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads,
                                            initargs=(cfg.log.reward_worker_threads,))
-        self.run_epoch = self.backprop_epoch if self.algo.rollout == "backprop" else \
-            partial(self.sample_epoch, update=self.algo.rollout == "sample")
+        self.run_epoch = {"backprop": self.backprop_epoch, "offline": self.offline_epoch}.get(
+            self.algo.rollout, partial(self.sample_epoch, update=self.algo.rollout == "sample"))
+        self.offline = OfflinePairs.of(self.algo, self.model, self.device)  # algo=dpo_offline's pairs, encoded
         if resumed:
             superseded = self.resume(*resumed)
         if self.is_main:
@@ -113,15 +113,6 @@ class Trainer:
                                            resumed=self.start_epoch > 0) if self.is_main or self.sharded else None
         self.watch = start_watch(cfg, plan, self.model, self.unwrapped, self.device, self.accelerator.autocast,
                                  self.run_dir, write=self.is_main) if self.is_main or self.sharded else None
-
-    def make_old_policy(self) -> OldPolicy | None:
-        if self.algo.old_policy is None:
-            return None
-        if self.sharded:
-            raise UserError(f"algo={self.algo.name} keeps a copy of the trained weights (its old policy), which ddpo "
-                            f"does not shard yet: train it with DDP or DeepSpeed ZeRO-2, not "
-                            f"{strategy(self.accelerator)}")
-        return OldPolicy(self.params, *self.algo.old_policy)
 
     def startup_rows(self) -> list[tuple[str, str]]:
         cfg, model = self.cfg, self.model
@@ -182,6 +173,17 @@ class Trainer:
         every = self.cfg.log.kl_to_base_every
         if every and epoch % every == 0:
             metrics["kl_to_base"] = self.kl_reading(samples)
+        return samples, rewards, metrics, timings
+
+    def offline_epoch(self, epoch: int) -> tuple[EpochSamples, np.ndarray, dict, dict]:
+        """Sample and score the policy's own images (the run's yardstick), then update on pairs from a file."""
+        samples, rewards, metrics, timings = self.sample_epoch(epoch, update=False)
+        start = time.perf_counter()
+        where = (self.accelerator.process_index, self.accelerator.num_processes)
+        pairs, targets = self.offline.epoch_samples(self.cfg, self.algo, epoch, self.counts.samples_per_process // 2,
+                                                    *where)
+        metrics.update(self.update_epoch(epoch, pairs, targets))
+        timings["train_seconds"] = time.perf_counter() - start
         return samples, rewards, metrics, timings
 
     def sample(self, epoch: int) -> tuple[EpochSamples, dict]:
@@ -249,9 +251,8 @@ class Trainer:
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n_samples, generator=generator)
             if self.algo.trains_on == "forward":  # columns index the samples' fresh noise levels
-                partners = targets[:, 0] if self.algo.targets == "pairs" else None
-                self.draws = draw_forward(self.sampler, n_samples, self.counts.train_timesteps,
-                                          self.model.latent_shape(), generator, self.device, partners)
+                self.draws = draws_for(self.algo, self.sampler, self.model, targets, self.counts.train_timesteps,
+                                       generator)
                 steps = torch.arange(self.counts.train_timesteps).expand(n_samples, -1)
             elif samples.trajectory.branch is not None:
                 steps = samples.trajectory.branch.cpu()[:, None]
@@ -375,8 +376,7 @@ class Trainer:
                                epoch, self.cfg.model.use_lora, self.cfg.checkpoint.keep_last, self.old_policy)
 
     def resume(self, path: Path, state: dict, skipped: list[str]) -> Path | None:
-        """Continue from checkpoint ``path`` (weights loaded): optimizer, books, counters. Returns where later
-        checkpoints of the run were moved, if any (an older one's successors go to ``superseded/``)."""
+        """Continue from checkpoint ``path`` (weights loaded); returns where later checkpoints went, if anywhere."""
         checkpoint.restore_optimizer(self.accelerator, self.denoiser, self.optimizer, state, path)
         checkpoint.restore_old_policy(self.old_policy, path)
         self.tracker.load_state_dict(state["stat_tracker"])

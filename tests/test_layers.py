@@ -14,7 +14,7 @@ LAYERS = [
     {"checkpoint", "probe", "pairs", "report", "guards", "books", "distributed", "watch"},
     {"rollout", "old_policy"},
     {"config", "monitors"},
-    {"algorithms", "rewards", "prompts", "clients", "advantages",
+    {"algorithms", "rewards", "prompts", "clients", "advantages", "preferences",
      "toyworld"},
     {"models", "samplers", "noise"},
     {"runs", "runtime", "schedules", "stats", "images", "text_features", "memory"},

@@ -182,6 +182,20 @@ class ModelFamily:
         images = self.vae.decode(latents.to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B,3,H,W]`` in [0, 1] -> normalised latents ``[B,C,h,w]`` fp32 (the mean of the VAE's posterior):
+        the inverse of :meth:`decode`, for training on given images (preference pairs)."""
+        config = self.vae.config
+        posterior = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
+        latents = posterior.mean.float()
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            view = (1, -1, 1, 1)
+            return ((latents - torch.tensor(mean, device=latents.device).view(view)) * config.scaling_factor
+                    / torch.tensor(std, device=latents.device).view(view))
+        return (latents - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
     # ------------------------------------------------------------------------------------------ weights
     def lora_state_dict(self, denoiser, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The denoiser's LoRA weights as its pipeline's loader reads them, fp32 on the CPU (no component prefix):

@@ -78,7 +78,7 @@ def test_dpo_rows_of_a_pair_sum_to_the_pair_gradient():
 
 def test_a_pair_shares_its_noise_level_and_noise():
     class Uniform:
-        def training_times(self, n, device, generator=None):
+        def training_times(self, n, device, generator=None, noise_range=(0.0, 1.0)):
             return torch.rand(n, generator=generator)
 
     draws = draw_forward(Uniform(), 4, 2, (1, 2, 2), torch.Generator().manual_seed(0), "cpu",
