@@ -124,7 +124,7 @@ def update_pairs(trainer, mini: MiniEpoch) -> tuple[torch.Tensor, torch.Tensor] 
         return log_prob_pairs(trainer, mini)
     n = len(mini.samples.prompts)
     trainer.draws = draws_for(trainer.algo, trainer.sampler, trainer.model, made_up_targets(trainer, n), 1,
-                              torch.Generator().manual_seed(0))
+                              torch.Generator().manual_seed(0), trainer.counts.window)
     return torch.arange(n), torch.zeros(n, dtype=torch.long)
 
 

@@ -44,14 +44,18 @@ class ForwardDraws:
 
 
 def draw_forward(sampler: Sampler, n: int, times_per_sample: int, latent_shape: tuple, generator: torch.Generator,
-                 device, partners: torch.Tensor | None = None,
-                 noise_range: tuple[float, float] = (0.0, 1.0)) -> ForwardDraws:
-    """``times_per_sample`` noise levels (in ``noise_range``) and noise draws per sample (a CPU ``generator``: the
-    same on any device). ``partners`` [N]: offsets to each sample's pair partner (0 = none); a pair's second member
-    takes the first's draws."""
+                 device, partners: torch.Tensor | None = None, window: tuple[int, int] | None = None) -> ForwardDraws:
+    """``times_per_sample`` noise levels and noise draws per sample (a CPU ``generator``: the same on any device):
+    the sampler's own times at steps drawn from ``window`` (step indices ``[first, end)``), or, without a window,
+    the family's training distribution over the whole noise scale. ``partners`` [N]: offsets to each sample's pair
+    partner (0 = none); a pair's second member takes the first's draws."""
     noise = torch.randn((n, times_per_sample, *latent_shape), generator=generator)
-    times = sampler.training_times(n * times_per_sample, "cpu", generator,
-                                   tuple(noise_range)).view(n, times_per_sample)
+    if window is None:
+        times = sampler.training_times(n * times_per_sample, "cpu", generator)
+    else:
+        steps = torch.randint(window[0], window[1], (n * times_per_sample,), generator=generator)
+        times = sampler.model_time(steps).cpu()
+    times = times.view(n, times_per_sample)
     if partners is not None:
         for i, offset in enumerate(partners.long().tolist()):
             if offset > 0:  # i is the pair's first member: the second takes its draws
@@ -60,11 +64,12 @@ def draw_forward(sampler: Sampler, n: int, times_per_sample: int, latent_shape: 
 
 
 def draws_for(algo, sampler: Sampler, model: ModelFamily, targets: torch.Tensor, times_per_sample: int,
-              generator: torch.Generator) -> ForwardDraws:
-    """The draws of a forward-process algorithm's samples (``targets`` [N] or [N, 2]: its pairs share theirs)."""
+              generator: torch.Generator, window: tuple[int, int]) -> ForwardDraws:
+    """The draws of a forward-process algorithm's samples (``targets`` [N] or [N, 2]: its pairs share theirs) at
+    its ``algo.times``: the sampler's times inside the training window (``schedule``) or ``uniform``."""
     partners = targets[:, 0] if algo.targets == "pairs" else None
     return draw_forward(sampler, len(targets), times_per_sample, model.latent_shape(), generator, targets.device,
-                        partners, algo.noise_range)
+                        partners, window if algo.times == "schedule" else None)
 
 
 def needs_recorded_outputs(needs) -> bool:

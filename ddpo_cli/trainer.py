@@ -252,7 +252,7 @@ class Trainer:
             order = torch.randperm(n_samples, generator=generator)
             if self.algo.trains_on == "forward":  # columns index the samples' fresh noise levels
                 self.draws = draws_for(self.algo, self.sampler, self.model, targets, self.counts.train_timesteps,
-                                       generator)
+                                       generator, self.counts.window)
                 steps = torch.arange(self.counts.train_timesteps).expand(n_samples, -1)
             elif samples.trajectory.branch is not None:
                 steps = samples.trajectory.branch.cpu()[:, None]

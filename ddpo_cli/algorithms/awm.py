@@ -29,8 +29,8 @@ def awm_loss(prediction: torch.Tensor, target: torch.Tensor, advantages: torch.T
 class AWM(ForwardProcessAlgorithm):
 
     def __init__(self, name: str = "awm", adv_clip_max: float = 5.0, times_per_sample: int = 2,
-                 guidance: float = 1.0, kl_beta: float = 0.0, noise_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(name, times_per_sample, guidance, kl_beta, noise_range)
+                 guidance: float = 1.0, kl_beta: float = 0.0, times: str = "schedule") -> None:
+        super().__init__(name, times_per_sample, guidance, kl_beta, times)
         if not adv_clip_max > 0:
             raise ValueError(f"algo.adv_clip_max={adv_clip_max}: must be > 0")
         self.adv_clip_max = adv_clip_max

@@ -67,8 +67,8 @@ class DPO(ForwardProcessAlgorithm):
     targets = "pairs"
 
     def __init__(self, name: str = "dpo", beta: float = 2500.0, times_per_sample: int = 1,
-                 guidance: float = 1.0, noise_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(name, times_per_sample, guidance, 0.0, noise_range)
+                 guidance: float = 1.0, times: str = "schedule") -> None:
+        super().__init__(name, times_per_sample, guidance, 0.0, times)
         if not beta > 0:
             raise ValueError(f"algo.beta={beta}: must be > 0")
         self.beta = beta

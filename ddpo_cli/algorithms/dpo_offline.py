@@ -18,8 +18,8 @@ class DPOOffline(DPO):
 
     def __init__(self, name: str = "dpo_offline", pairs_file: str | None = None, beta: float = 2500.0,
                  times_per_sample: int = 1, guidance: float = 1.0,
-                 noise_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(name, beta, times_per_sample, guidance, noise_range)
+                 times: str = "schedule") -> None:
+        super().__init__(name, beta, times_per_sample, guidance, times)
         self.pairs_file = pairs_file
 
     def check(self, cfg, reward) -> None:

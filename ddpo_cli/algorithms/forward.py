@@ -6,8 +6,10 @@ timesteps; uniform flow levels ``s``), and the loss compares denoiser outputs th
 target (epsilon, v or the velocity ``eps - x0``). So any sampler works, a deterministic one (``flow_ode``, DDIM
 ``eta=0``) included, and the chain's log-probs are never needed.
 
-``noise_range``: the part of the noise scale the levels are drawn from (``[0.5, 1]``: the noisier half, where an
-image's layout is decided; the forward-process twin of ``train.timestep_window``).
+``times``: where the noise levels come from. ``schedule`` (the default): the sampler's own time grid at steps drawn
+from ``train.timestep_window``, as the chain algorithms train (SD3's shifted grid puts most of them at high noise;
+``[0, 0.5]``, the noisier half of the steps, is where an image's layout is decided); ``uniform``: the family's
+pre-training distribution over the whole noise scale.
 
 ``guidance``: the classifier-free guidance of the trained outputs. 1 (the default) trains the plain conditional
 output, CFG-free as DiffusionNFT does (one denoiser call per pair); the sampler's own guidance is a separate setting.
@@ -18,6 +20,8 @@ import torch
 
 from ..errors import UserError
 from .base import Algorithm
+
+TIMES = ("schedule", "uniform")
 
 
 def mean_over_dims(values: torch.Tensor) -> torch.Tensor:
@@ -34,14 +38,14 @@ class ForwardProcessAlgorithm(Algorithm):
     trains_on = "forward"
 
     def __init__(self, name: str, times_per_sample: int = 2, guidance: float = 1.0, kl_beta: float = 0.0,
-                 noise_range: tuple[float, float] = (0.0, 1.0)) -> None:
+                 times: str = "schedule") -> None:
         super().__init__(name)
         if times_per_sample < 1:
             raise ValueError(f"algo.times_per_sample={times_per_sample}: must be >= 1 (noise levels per sample)")
-        if len(noise_range) != 2 or not 0 <= noise_range[0] < noise_range[1] <= 1:
-            raise ValueError(f"algo.noise_range={list(noise_range)}: use [low, high] with 0 <= low < high <= 1 "
-                             f"(fractions of the noise scale, 1 = pure noise)")
-        self.noise_range = (float(noise_range[0]), float(noise_range[1]))
+        if times not in TIMES:
+            raise ValueError(f"algo.times={times!r}: choose schedule (the sampler's times inside "
+                             f"train.timestep_window) or uniform (the whole noise scale)")
+        self.times = times
         if guidance < 1:
             raise ValueError(f"algo.guidance={guidance}: must be >= 1 (1 = no classifier-free guidance)")
         if kl_beta < 0:

@@ -69,8 +69,8 @@ class NFT(ForwardProcessAlgorithm):
 
     def __init__(self, name: str = "nft", beta: float = 1.0, adv_clip_max: float = 1.0, adaptive_weight: bool = True,
                  old_increment: float = 0.001, old_max: float = 0.5, times_per_sample: int = 2,
-                 guidance: float = 1.0, kl_beta: float = 0.0, noise_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(name, times_per_sample, guidance, kl_beta, noise_range)
+                 guidance: float = 1.0, kl_beta: float = 0.0, times: str = "schedule") -> None:
+        super().__init__(name, times_per_sample, guidance, kl_beta, times)
         check_nft_settings(beta, adv_clip_max)
         if not (old_increment >= 0 and 0 <= old_max < 1):
             raise ValueError(f"algo.old_increment={old_increment}, algo.old_max={old_max}: need increment >= 0 and "

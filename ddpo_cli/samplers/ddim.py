@@ -182,12 +182,11 @@ class DDIMSampler(StochasticChain):
         a_t, a_prev = self.schedule.alphas(self.model_time(steps))
         return ddim_mean_std(output, x_t, a_t, a_prev, 0.0, self.schedule.prediction_type)[0]
 
-    def training_times(self, n: int, device: torch.device | str, generator: torch.Generator | None = None,
-                       noise_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-        """``[n]`` DDPM timesteps drawn uniformly from the training timesteps (``noise_range``: the fraction of them
-        to draw from, 0 = clean; ``generator``, a CPU one, or torch's global generator)."""
-        low, high = (int(round(f * self.num_train_timesteps)) for f in noise_range)
-        return torch.randint(low, max(high, low + 1), (n,), generator=generator).to(device)
+    def training_times(self, n: int, device: torch.device | str,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[n]`` DDPM timesteps drawn uniformly from all training timesteps (``generator``, a CPU one, or torch's
+        global generator)."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
 
     def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor,
                          t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,12 +147,11 @@ class FlowSampler(StochasticChain):
         return x + (s_next - s) * output.float()
 
     # ------------------------------------------------------------------------------------------ training loss
-    def training_times(self, n: int, device: torch.device | str, generator: torch.Generator | None = None,
-                       noise_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-        """``[n]`` noise levels ``s ~ U(noise_range)`` (default ``U(0, 1)``) in the denoiser's time units
-        (``1000 s``; ``generator``, a CPU one, or torch's global generator)."""
-        low, high = noise_range
-        return ((low + (high - low) * torch.rand(n, generator=generator)) * self.num_train_timesteps).to(device)
+    def training_times(self, n: int, device: torch.device | str,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[n]`` noise levels ``s ~ U(0, 1)`` in the denoiser's time units (``1000 s``; ``generator``, a CPU one,
+        or torch's global generator)."""
+        return (torch.rand(n, generator=generator) * self.num_train_timesteps).to(device)
 
     def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor,
                          t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,13 +78,25 @@ def test_dpo_rows_of_a_pair_sum_to_the_pair_gradient():
 
 def test_a_pair_shares_its_noise_level_and_noise():
     class Uniform:
-        def training_times(self, n, device, generator=None, noise_range=(0.0, 1.0)):
+        def training_times(self, n, device, generator=None):
             return torch.rand(n, generator=generator)
 
     draws = draw_forward(Uniform(), 4, 2, (1, 2, 2), torch.Generator().manual_seed(0), "cpu",
                          partners=torch.tensor([3.0, 0.0, 0.0, -3.0]))
     assert torch.equal(draws.noise[0], draws.noise[3]) and torch.equal(draws.times[0], draws.times[3])
     assert not torch.equal(draws.noise[1], draws.noise[2])
+
+
+def test_schedule_times_are_the_samplers_own_inside_the_window():
+    from ddpo_cli.samplers.flow import FlowSampler
+
+    shifted = torch.linspace(1, 0, 11) * 3 / (1 + 2 * torch.linspace(1, 0, 11))   # SD3's shift 3 on 10 steps
+    sampler = FlowSampler(shifted, "flow_ode")
+    draws = draw_forward(sampler, 50, 2, (1, 2, 2), torch.Generator().manual_seed(0), "cpu", window=(0, 5))
+    allowed = set(sampler.timesteps[:5].tolist())
+    assert set(draws.times.flatten().tolist()) == allowed  # 100 draws hit each of the first five steps' times
+    uniform = draw_forward(sampler, 50, 2, (1, 2, 2), torch.Generator().manual_seed(0), "cpu")
+    assert len(set(uniform.times.flatten().tolist())) == 100 and float(uniform.times.min()) < 500
 
 
 # ------------------------------------------------------------------------------------------ NFT as published
