@@ -19,15 +19,22 @@ from .runs import job_overrides, sweep_job_dirs
 from .stats import mean_se
 
 
+SIDE_MEASURES = ("gold_reward", "diversity_pixels")   # from the monitors' last check, beside the trained reward
+BUDGETS = (0.25, 0.5, 1.0)                          # fractions of a job's reward queries the budget table reads
+
+
 def job_summary(job: Path) -> dict:
-    """Overrides, epochs, final and best training reward of one job (rewards None if it logged no epoch)."""
+    """Overrides, epochs, final and best training reward of one job (rewards None if it logged no epoch), and the
+    monitors' last values of :data:`SIDE_MEASURES` (None if not measured)."""
     rows = report.read_metrics(job)
     rewards = [row["reward_mean"] for row in rows]
     best = max(range(len(rows)), key=lambda i: rewards[i]) if rows else None
+    checks = [row["monitor"] for row in rows if "monitor" in row]
     return {"job": job.name, "overrides": job_overrides(job), "epochs": len(rows),
             "final_reward": rewards[-1] if rows else None,
             "best_reward": rewards[best] if rows else None,
             "best_epoch": rows[best]["epoch"] if rows else None,
+            **{key: checks[-1].get(key) if checks else None for key in SIDE_MEASURES},
             "curve": {"epochs": [row["epoch"] for row in rows], "reward_mean": rewards,
                       "reward_queries": cumulative([row["samples"] for row in rows]),
                       "wall_seconds": cumulative([row["epoch_seconds"] for row in rows])}}
@@ -91,13 +98,60 @@ def versus_baseline(pooled: list[dict], groups: dict[str, list[dict]]) -> None:
             entry["vs_baseline"], entry["vs_baseline_se"] = paired["mean"], paired["se"]
 
 
+CONTROL = "advantage.shuffle=true"
+
+
+def versus_control(pooled: list[dict], groups: dict[str, list[dict]]) -> None:
+    """Each configuration with a control in the sweep (the same overrides with ``advantage.shuffle=true``): its
+    last-epochs reward (:func:`late_mean`) minus the control's, paired seed by seed, as ``vs_control`` /
+    ``vs_control_se``."""
+    for entry in pooled:
+        words = entry["config"].split()
+        if CONTROL in words:
+            continue
+        control = " ".join(CONTROL if w == "advantage.shuffle=false" else w for w in words)
+        if control == entry["config"] or control not in groups:
+            continue
+        theirs = {seed_of(j["label"]): late_mean(j["curve"]["reward_mean"]) for j in groups[control]}
+        diffs = [late_mean(j["curve"]["reward_mean"]) - theirs[seed_of(j["label"])]
+                 for j in groups[entry["config"]] if seed_of(j["label"]) in theirs]
+        if diffs:
+            paired = mean_se(diffs)
+            entry["vs_control"], entry["vs_control_se"] = paired["mean"], paired["se"]
+
+
+def reward_at(curve: dict, queries: float) -> float:
+    """The training reward of the first epoch whose cumulative reward queries reach ``queries``, averaged with the
+    epoch before it (two epochs: less of one batch's luck)."""
+    i = next((k for k, q in enumerate(curve["reward_queries"]) if q >= queries), len(curve["reward_queries"]) - 1)
+    return sum(curve["reward_mean"][max(0, i - 1):i + 1]) / len(curve["reward_mean"][max(0, i - 1):i + 1])
+
+
+def budget_leaders(pooled: list[dict], groups: dict[str, list[dict]]) -> list[dict]:
+    """For each budget (a fraction of the shortest job's reward queries): every trained configuration's reward
+    gain over its first epoch there (mean +- s.e. over seeds), the leader, and the configurations within noise of it
+    (the difference under twice its standard error)."""
+    trained = [p for p in pooled if CONTROL not in p["config"].split() and "algo=baseline" not in p["config"].split()]
+    if not trained:
+        return []
+    total = min(j["curve"]["reward_queries"][-1] for p in trained for j in groups[p["config"]])
+    table = []
+    for fraction in BUDGETS:
+        queries = fraction * total
+        gains = {p["config"]: mean_se([reward_at(j["curve"], queries) - j["curve"]["reward_mean"][0]
+                                       for j in groups[p["config"]]]) for p in trained}
+        leader = max(gains, key=lambda c: gains[c]["mean"])
+        tied = [c for c in gains if c != leader and gains[leader]["mean"] - gains[c]["mean"]
+                < 2 * (gains[leader]["se"] ** 2 + gains[c]["se"] ** 2) ** 0.5]
+        table.append({"fraction": fraction, "queries": queries, "leader": leader, "within_noise": tied,
+                      "gains": gains})
+    return table
+
+
 def pool_seeds(jobs: list[dict]) -> list[dict]:
-    """One entry per configuration (jobs differing only in ``seed``): final reward and gain as mean +- s.e. over
-    seeds, and the mean curve over the epochs every seed reached."""
-    groups: dict[str, list[dict]] = {}
-    for job in jobs:
-        if job["epochs"]:
-            groups.setdefault(without_seed(job["label"]), []).append(job)
+    """One entry per configuration (jobs differing only in ``seed``): final reward, gain and the side measures as
+    mean +- s.e. over seeds, and the mean curve over the epochs every seed reached."""
+    groups = seed_groups(jobs)
     pooled = []
     for config, members in groups.items():
         epochs = min(j["epochs"] for j in members)
@@ -105,11 +159,23 @@ def pool_seeds(jobs: list[dict]) -> list[dict]:
                  for key in ("epochs", "reward_mean", "reward_queries", "wall_seconds")}
         final = mean_se([j["final_reward"] for j in members])
         change = mean_se([gain(j["curve"]["reward_mean"]) for j in members])
+        side = {key: mean_se([j[key] for j in members]) for key in SIDE_MEASURES
+                if all(j.get(key) is not None for j in members)}
         pooled.append({"config": config, "seeds": len(members), "final_reward": final["mean"],
                        "final_reward_se": final["se"], "gain": change["mean"], "gain_se": change["se"],
-                       "curve": curve})
+                       "curve": curve, **{key: value["mean"] for key, value in side.items()},
+                       **{f"{key}_se": value["se"] for key, value in side.items()}})
     versus_baseline(pooled, groups)
+    versus_control(pooled, groups)
     return pooled
+
+
+def seed_groups(jobs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for job in jobs:
+        if job["epochs"]:
+            groups.setdefault(without_seed(job["label"]), []).append(job)
+    return groups
 
 
 def _pm(mean: float, se: float, signed: bool = False) -> str:
@@ -141,25 +207,42 @@ def summarise_sweep(sweep_dir: Path) -> dict:
                            xlabel=xlabel)
     finished = [j for j in jobs if j["best_reward"] is not None]
     best = max(finished, key=lambda j: j["final_reward"])["job"] if finished else None
+    budgets = budget_leaders(pooled, seed_groups(jobs))
     summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, "configs": pooled, "best_job_by_final_reward": best,
-               "plot": plot.name}
+               "budgets": budgets, "plot": plot.name}
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
     rows = [[j["job"], j["label"], j["epochs"], _fmt(j["final_reward"]), f"{_fmt(j['best_reward'])} "
              f"(epoch {j['best_epoch']})" if j["epochs"] else "-"] for j in jobs]
     table = report.markdown_table(["job", "overrides", "epochs", "final training reward", "best training reward"], rows)
-    pooled_rows = [[p["config"], p["seeds"], _pm(p["final_reward"], p["final_reward_se"]),
-                    _pm(p["gain"], p["gain_se"], signed=True),
-                    _pm(p["vs_baseline"], p["vs_baseline_se"], signed=True) if "vs_baseline" in p else "-"]
-                   for p in pooled]
-    pooled_table = report.markdown_table(
-        ["configuration", "seeds", "final training reward", "gain (last 3 - first 3 epochs)",
-         "last 3 epochs vs algo=baseline (paired by seed)"], pooled_rows)
     (sweep_dir / "sweep_summary.md").write_text(
         f"# Sweep summary: {sweep_dir}\n\n{table}\n\nBest final training reward: {best or '-'}\n\n"
-        f"## Per configuration (seeds pooled: mean +- standard error)\n\n{pooled_table}\n\n"
-        f"![training reward curves]({plot.name})\n\n![against reward queries](sweep_rewards_vs_reward_queries.png)"
+        f"## Per configuration (seeds pooled: mean +- standard error)\n\n{pooled_markdown(pooled)}\n\n"
+        + (f"## Who leads at each budget\n\n{budget_markdown(budgets)}\n\n" if budgets else "")
+        + f"![training reward curves]({plot.name})\n\n![against reward queries](sweep_rewards_vs_reward_queries.png)"
         f"\n\n![against wall time](sweep_rewards_vs_wall_seconds.png)\n")
     return summary
+
+
+def _paired(entry: dict, key: str) -> str:
+    return _pm(entry[key], entry[f"{key}_se"], signed=True) if key in entry else "-"
+
+
+def pooled_markdown(pooled: list[dict]) -> str:
+    rows = [[p["config"], p["seeds"], _pm(p["final_reward"], p["final_reward_se"]),
+             _pm(p["gain"], p["gain_se"], signed=True), _paired(p, "vs_control"), _paired(p, "vs_baseline"),
+             *(_pm(p[key], p[f"{key}_se"]) if key in p else "-" for key in SIDE_MEASURES)] for p in pooled]
+    return report.markdown_table(
+        ["configuration", "seeds", "final training reward", "gain (last 3 - first 3 epochs)",
+         "last epochs vs its control (advantage.shuffle=true, paired by seed)",
+         "last 3 epochs vs algo=baseline (paired by seed)", *(f"{key} (last check)" for key in SIDE_MEASURES)], rows)
+
+
+def budget_markdown(budgets: list[dict]) -> str:
+    rows = [[f"{b['queries']:.0f} ({b['fraction']:.0%})", b["leader"],
+             _pm(b["gains"][b["leader"]]["mean"], b["gains"][b["leader"]]["se"], signed=True),
+             ", ".join(b["within_noise"]) or "none"] for b in budgets]
+    return report.markdown_table(["reward queries (of the budget)", "leader (reward gain over epoch 0)", "its gain",
+                                  "within noise of it (difference < 2 s.e.)"], rows)
 
 
 def sweep_task(cfg) -> None:

@@ -50,6 +50,12 @@ class RWR(Algorithm):
                 softmax_weights(kept, self.beta)
         return weights
 
+    def warnings(self, cfg, counts) -> list[str]:
+        if cfg.advantage.mode != "group":
+            return []
+        return [f"{self.name} weights the rewards of the whole batch (its own weights, not advantages): "
+                f"advantage.mode={cfg.advantage.mode} is not used"]
+
     def targets_from_rewards(self, rewards: np.ndarray, group_size: int) -> np.ndarray:
         return self.weights(rewards)
 

@@ -154,9 +154,6 @@ def plan_run(cfg: DictConfig, check_weights: bool = False) -> RunPlan:
                          pairs_per_update=per_update)
     elif algorithm.rollout == "sample":
         check_trained_steps(cfg, counts)
-    require(cfg.advantage.mode != "group" or algorithm.targets in ("advantages", "pairs"),
-            f"advantage.mode=group works with algorithms that compare a group's images (ddpo_is, ddpo_sf, dpok, "
-            f"grpo_guard, dppo, awm, nft, dpo), not {algorithm.name}")
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
     warnings = algorithm.warnings(cfg, counts) + (resume_changes(cfg, resume) if resume else [])
     heldout_name = cfg.log.paired.heldout

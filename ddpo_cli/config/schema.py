@@ -127,7 +127,7 @@ class AdvantageConfig:
     buffer_size: int = 16
     min_count: int = 16
     shuffle: bool = False         # a control run: permute each epoch's advantages (or weights) across the batch; same
-    # update sizes, no link to the samples. A learning claim must beat it (tests/test_learning.py does).
+    # update sizes, no link to the samples (dpo: each pair's winner flipped by a coin). A learning claim must beat it.
 
 
 @dataclass

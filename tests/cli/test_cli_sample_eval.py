@@ -300,3 +300,34 @@ def test_eval_finds_a_reward_option_in_the_users_config_folder(run, tmp_path):
     assert summary["gold_reward"] == "gold" and summary["models"][0]["rewards"]["gold"]["mean"] > 0
     without = ddpo("eval", f"run={run}", "rewards.gold=my_size", *SMALL, f"hydra.run.dir={tmp_path / 'no'}")
     assert without.returncode == 2 and "unknown reward 'my_size'" in without.stderr
+
+
+def test_each_configuration_against_its_control_and_the_budget_leaders_by_hand():
+    from ddpo_cli.sweep import budget_leaders, pool_seeds, seed_groups
+
+    def job(label, rewards, gold=None):
+        n = len(rewards)
+        return {"label": label, "epochs": n, "final_reward": rewards[-1], "gold_reward": gold,
+                "diversity_pixels": None,
+                "curve": {"epochs": list(range(n)), "reward_mean": rewards, "reward_queries": [8 * (i + 1) for i in
+                          range(n)], "wall_seconds": [1.0 * (i + 1) for i in range(n)]}}
+
+    jobs = [job("algo=a advantage.shuffle=false seed=0", [0.0, 1.0, 2.0, 3.0], gold=0.5),
+            job("algo=a advantage.shuffle=false seed=1", [0.0, 2.0, 4.0, 6.0], gold=0.7),
+            job("algo=a advantage.shuffle=true seed=0", [0.0, 0.0, 0.0, 1.0], gold=0.9),
+            job("algo=a advantage.shuffle=true seed=1", [0.0, 1.0, 1.0, 1.0], gold=0.9),
+            job("algo=b advantage.shuffle=false seed=0", [0.0, 3.0, 3.0, 3.0]),
+            job("algo=b advantage.shuffle=false seed=1", [0.0, 3.0, 3.0, 3.0])]
+    pooled = {p["config"]: p for p in pool_seeds(jobs)}
+    a = pooled["algo=a advantage.shuffle=false"]
+    # last 2 epochs of 4 (k shrinks): seed 0 2.5 vs control 0.5, seed 1 5.0 vs 1.0 -> differences 2 and 4
+    assert a["vs_control"] == pytest.approx(3.0) and a["vs_control_se"] == pytest.approx(1.0)
+    assert a["gold_reward"] == pytest.approx(0.6) and "diversity_pixels" not in a
+    assert "vs_control" not in pooled["algo=b advantage.shuffle=false"]      # b has no control in the sweep
+    budgets = budget_leaders(list(pooled.values()), seed_groups(jobs))
+    # at 25% of 32 queries (8: epoch 0) every gain is 0; at 50% (16: epochs 0-1 averaged) a: 0.5/1.0, b: 1.5 each
+    assert [b["fraction"] for b in budgets] == [0.25, 0.5, 1.0]
+    assert budgets[1]["leader"] == "algo=b advantage.shuffle=false" and budgets[1]["within_noise"] == []
+    # at the whole budget (epochs 2-3 averaged) a: 2.5 and 5.0 (3.75 +- 1.25), b: 3.0 +- 0: within noise
+    assert budgets[2]["leader"] == "algo=a advantage.shuffle=false"
+    assert budgets[2]["within_noise"] == ["algo=b advantage.shuffle=false"]

@@ -281,13 +281,30 @@ def test_every_builtin_reward_keeps_the_contract(tiny_clip, aesthetic_weights):
     from ddpo_cli.rewards.examples import brightness
     from ddpo_cli.rewards.jpeg import JpegCompressibility, JpegIncompressibility
     from ddpo_cli.rewards.shapes_counting import ShapesCounting
+    from ddpo_cli.rewards.shapes_valid import ShapesValid
 
     images, prompts = smooth_images(2, 64, 64), ["two red squares", "one blue circle"]
     metadata = [{"count": 2, "colour": "red", "shape": "square"}, {"count": 1, "colour": "blue", "shape": "circle"}]
-    rewards = [JpegCompressibility(), JpegIncompressibility(), ShapesCounting(),
+    rewards = [JpegCompressibility(), JpegIncompressibility(), ShapesCounting(), ShapesValid(),
                FunctionReward(brightness, differentiable=True),
                ClipScore(model_name=tiny_clip["local_dir"], pretrained=None),
                ClipZeroShot(model_name=tiny_clip["local_dir"], pretrained=None),
                Aesthetic(model_name=tiny_clip["local_dir"], pretrained=None, weights_path=aesthetic_weights["pth"])]
     for reward in rewards:
         check_contract(reward.setup("cpu"), images, prompts, metadata)
+
+
+def test_shapes_valid_scores_what_the_toy_world_draws():
+    import numpy as np
+
+    from ddpo_cli.rewards.shapes_valid import ShapesValid
+    from ddpo_cli.toyworld.render import render
+
+    def image(array):
+        return torch.from_numpy(array).permute(2, 0, 1).float()[None] / 255
+
+    drawn = image(render(3, "blue", "square", seed=1))
+    mixed = image(np.maximum(render(1, "red", "circle", seed=2), render(1, "green", "circle", seed=3)))
+    black = torch.zeros(1, 3, 32, 32)
+    rewards, info = ShapesValid().setup("cpu")(torch.cat([drawn, mixed, black]), ["", "", ""], [{}] * 3)
+    assert rewards.tolist() == [1.0, 0.0, 0.0] and info["objects"][0] == 3 and info["objects"][2] == 0
