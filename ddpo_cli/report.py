@@ -358,14 +358,18 @@ def plot_curves(curves: dict[str, tuple[list, list]], path: Path, ylabel: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (epochs, values) in curves.items():
-        ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    many = len(curves) > 10  # then distinct colours from a 20-colour map and the legend beside the axes
+    fig, ax = plt.subplots(figsize=(11, 4.5) if many else (7, 4))
+    colours = plt.get_cmap("tab20").colors
+    for i, (label, (epochs, values)) in enumerate(curves.items()):
+        ax.plot(epochs, values, marker="o", markersize=3, label=label, color=colours[i % 20] if many else None,
+                linestyle=("-", "--", ":")[i // 20 % 3] if many else "-")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5)) if many else \
+            ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

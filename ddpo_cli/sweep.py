@@ -21,6 +21,7 @@ from .stats import mean_se
 
 SIDE_MEASURES = ("gold_reward", "diversity_pixels")   # from the monitors' last check, beside the trained reward
 BUDGETS = (0.25, 0.5, 1.0)                          # fractions of a job's reward queries the budget table reads
+CONTROL = "advantage.shuffle=true"                  # the override that makes a job its configuration's control
 
 
 def job_summary(job: Path) -> dict:
@@ -86,7 +87,7 @@ def gain(rewards: list[float], k: int = 3) -> float:
 def versus_baseline(pooled: list[dict], groups: dict[str, list[dict]]) -> None:
     """With an ``algo=baseline`` configuration in the sweep, add to every configuration its last-epochs reward minus
     the baseline's, paired seed by seed (same prompts and noise), as ``vs_baseline`` / ``vs_baseline_se``."""
-    controls = [config for config in groups if "algo=baseline" in config.split()]
+    controls = [config for config in groups if "algo=baseline" in config.split() and CONTROL not in config.split()]
     if len(controls) != 1:
         return
     control = {seed_of(j["label"]): late_mean(j["curve"]["reward_mean"]) for j in groups[controls[0]]}
@@ -96,9 +97,6 @@ def versus_baseline(pooled: list[dict], groups: dict[str, list[dict]]) -> None:
         if diffs:
             paired = mean_se(diffs)
             entry["vs_baseline"], entry["vs_baseline_se"] = paired["mean"], paired["se"]
-
-
-CONTROL = "advantage.shuffle=true"
 
 
 def versus_control(pooled: list[dict], groups: dict[str, list[dict]]) -> None:
@@ -198,7 +196,8 @@ def summarise_sweep(sweep_dir: Path) -> dict:
                               sweep_dir / "sweep_rewards.png", ylabel="training reward (mean per epoch)")
     pooled = pool_seeds(jobs)
     by_seed_mean = any(p["seeds"] > 1 for p in pooled)
-    lines = [(p["config"] + (f" ({p['seeds']} seeds)" if by_seed_mean else ""), p["curve"]) for p in pooled] \
+    trained = [p for p in pooled if CONTROL not in p["config"].split()] or pooled  # controls: in the table
+    lines = [(p["config"] + f" ({p['seeds']} seeds)", p["curve"]) for p in trained] \
         if by_seed_mean else [(j["label"], j["curve"]) for j in done]
     for x, xlabel in (("reward_queries", "reward queries (samples scored)"), ("wall_seconds", "wall time (s)")):
         report.plot_curves({label: (curve[x], curve["reward_mean"]) for label, curve in lines},

@@ -18,6 +18,7 @@ NEEDS = {("prompts", "from_file"): ["prompts.path=simple_animals.txt"], ("prompt
          ("prompts", "drawbench"): [f"prompts.path={DATA / 'drawbench_sample.csv'}"],
          ("algo", "alignprop"): ["reward=clip_score"], ("algo", "draft"): ["reward=clip_score"],
          ("algo", "dpo"): ["sampler.group_size=2", "sampler.batch_size=2"],
+         ("algo", "dpo_offline"): [f"algo.pairs_file={DATA / 'toy_pairs' / 'pairs.jsonl'}"],
          **{("sampler", name): ["model=tiny_sd3"] for name in ("flow_sde", "dance_sde", "flow_cps")},
          ("sampler", "flow_ode"): ["model=tiny_sd3", "algo=draft", "reward=clip_score"],
          **{("model", name): ["sampler=flow_sde"] for name in ("sd3", "sd35_medium", "tiny_sd3", "flux_dev",
@@ -96,7 +97,6 @@ def test_composition_errors_are_one_line(override, message):
     ("algo=alignprop reward=clip_score algo.truncation=fixed", "keep_steps"),
     ("algo=alignprop reward=clip_score algo.truncation=sometimes", "truncation"),
     ("algo=dpok algo.kl_weighting=exact", "kl_weighting"),
-    ("algo=rwr advantage.mode=group sampler.group_size=2 sampler.batch_size=2", "take advantages"),
 ])
 def test_validation_errors(override, message):
     try:
