@@ -32,7 +32,7 @@ def read_pairs_file(path: str | Path) -> list[PreferencePair]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"algo.pairs_file={path}: no such file; make one (JSON lines of {', '.join(KEYS)}; "
-                        f"scripts/toy_preference_pairs.py writes one for the toy world)")
+                        f"scripts/pairs_from_samples.py makes one from ddpo sample ... reward=<name>)")
     pairs = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -69,3 +69,38 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def pairs_from_samples(samples_file: str | Path, out_file: str | Path | None = None) -> Path:
+    """A pairs file from the ``samples.jsonl`` of ``ddpo sample ... reward=<name>`` (a reward's judgement of a model's
+    own images, as preference datasets are made): within each prompt's images the k-th best is chosen over the k-th
+    worst, as online DPO pairs a group, and equal rewards make no pair. Written beside the samples (image paths
+    relative to it) unless ``out_file`` is given; returns its path."""
+    samples_file = Path(samples_file).expanduser()
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    if not rows or any("reward" not in row for row in rows):
+        raise UserError(f"{samples_file} has no rewards: sample with a reward, e.g. ddpo sample ... reward=aesthetic")
+    by_prompt: dict[str, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    out_file = Path(out_file) if out_file else samples_file.parent / "pairs.jsonl"
+    lines = []
+    for prompt, images in by_prompt.items():
+        ranked = sorted(images, key=lambda row: -row["reward"])
+        for k in range(len(ranked) // 2):
+            best, worst = ranked[k], ranked[-1 - k]
+            if best["reward"] > worst["reward"]:
+                lines.append(json.dumps({"prompt": prompt, "chosen": _relative(samples_file.parent / best["file"], out_file),
+                                         "rejected": _relative(samples_file.parent / worst["file"], out_file)}))
+    if not lines:
+        raise UserError(f"{samples_file}: every prompt's images score the same, so no pair prefers one: sample more "
+                        f"images per prompt (n=8) or use a finer reward")
+    out_file.write_text("\n".join(lines) + "\n")
+    return out_file
+
+
+def _relative(image: Path, pairs_file: Path) -> str:
+    try:
+        return str(image.resolve().relative_to(pairs_file.resolve().parent))
+    except ValueError:
+        return str(image.resolve())

@@ -28,7 +28,7 @@ class DPOOffline(DPO):
                             f"model.use_lora=true")
         if not self.pairs_file:
             raise UserError(f"{self.name} trains on a file of preference pairs: set algo.pairs_file=<pairs.jsonl> "
-                            f"(scripts/toy_preference_pairs.py writes one for the toy world)")
+                            f"(scripts/pairs_from_samples.py makes one from ddpo sample ... reward=<name>)")
         read_pairs_file(self.pairs_file)
         per_process = cfg.sampler.batch_size * cfg.sampler.num_batches_per_epoch
         if per_process % 2:

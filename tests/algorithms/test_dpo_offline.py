@@ -10,7 +10,7 @@ import torch
 
 from conftest import ddpo, read_metrics
 from ddpo_cli.errors import UserError
-from ddpo_cli.preferences import read_pairs_file
+from ddpo_cli.preferences import pairs_from_samples, read_pairs_file
 from ddpo_cli.toyworld.preference_pairs import write_preference_pairs
 
 
@@ -43,6 +43,25 @@ def test_a_bad_line_is_one_error_naming_it(tmp_path, line, problem):
         read_pairs_file(path)
     with pytest.raises(UserError, match="no such file"):
         read_pairs_file(tmp_path / "absent.jsonl")
+
+
+def test_pairs_from_scored_samples_put_the_kth_best_over_the_kth_worst_per_prompt(tmp_path):
+    (tmp_path / "images").mkdir()
+    rewards = {"a cat": [0.2, 0.9, 0.5, 0.1, 0.5], "a dog": [0.3, 0.3]}   # the dog's tie makes no pair
+    rows = []
+    for prompt, values in rewards.items():
+        for i, value in enumerate(values):
+            name = f"images/{prompt[2:]}_{i}.png"
+            (tmp_path / name).write_bytes(b"")
+            rows.append({"prompt": prompt, "file": name, "reward": value})
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = read_pairs_file(pairs_from_samples(samples))
+    assert [(p.prompt, p.chosen.name, p.rejected.name) for p in pairs] == [
+        ("a cat", "cat_1.png", "cat_3.png"), ("a cat", "cat_2.png", "cat_0.png")]
+    samples.write_text(json.dumps({"prompt": "a cat", "file": "images/cat_0.png"}) + "\n")
+    with pytest.raises(UserError, match="no rewards.*reward="):
+        pairs_from_samples(samples)
 
 
 def test_encoding_an_image_and_decoding_it_gives_it_back(toy_pairs):
