@@ -90,8 +90,8 @@ def pairs_from_samples(samples_file: str | Path, out_file: str | Path | None = N
         for k in range(len(ranked) // 2):
             best, worst = ranked[k], ranked[-1 - k]
             if best["reward"] > worst["reward"]:
-                lines.append(json.dumps({"prompt": prompt, "chosen": _relative(samples_file.parent / best["file"], out_file),
-                                         "rejected": _relative(samples_file.parent / worst["file"], out_file)}))
+                chosen, rejected = (_relative(samples_file.parent / row["file"], out_file) for row in (best, worst))
+                lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
     if not lines:
         raise UserError(f"{samples_file}: every prompt's images score the same, so no pair prefers one: sample more "
                         f"images per prompt (n=8) or use a finer reward")

@@ -31,7 +31,7 @@ def job_summary(job: Path) -> dict:
     rewards = [row["reward_mean"] for row in rows]
     best = max(range(len(rows)), key=lambda i: rewards[i]) if rows else None
     checks = [row["monitor"] for row in rows if "monitor" in row]
-    return {"job": job.name, "overrides": job_overrides(job), "epochs": len(rows),
+    return {"job": job.name, "overrides": [command_line_spelling(o) for o in job_overrides(job)], "epochs": len(rows),
             "final_reward": rewards[-1] if rows else None,
             "best_reward": rewards[best] if rows else None,
             "best_epoch": rows[best]["epoch"] if rows else None,
@@ -39,6 +39,13 @@ def job_summary(job: Path) -> dict:
             "curve": {"epochs": [row["epoch"] for row in rows], "reward_mean": rewards,
                       "reward_queries": cumulative([row["samples"] for row in rows]),
                       "wall_seconds": cumulative([row["epoch_seconds"] for row in rows])}}
+
+
+def command_line_spelling(override: str) -> str:
+    """``key=True`` as a sweep's ``key=true,false`` is typed on the command line (Hydra's sweeper writes the parsed
+    booleans back capitalised in a job's overrides.yaml)."""
+    key, sep, value = override.partition("=")
+    return f"{key}={value.lower()}" if sep and value in ("True", "False") else override
 
 
 def cumulative(values: list[float]) -> list[float]:

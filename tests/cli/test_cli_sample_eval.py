@@ -303,7 +303,10 @@ def test_eval_finds_a_reward_option_in_the_users_config_folder(run, tmp_path):
 
 
 def test_each_configuration_against_its_control_and_the_budget_leaders_by_hand():
-    from ddpo_cli.sweep import budget_leaders, pool_seeds, seed_groups
+    from ddpo_cli.sweep import budget_leaders, command_line_spelling, pool_seeds, seed_groups
+
+    assert command_line_spelling("advantage.shuffle=True") == "advantage.shuffle=true"   # as Hydra's sweeper saves it
+    assert command_line_spelling("prompts.prompts=[True]") == "prompts.prompts=[True]"
 
     def job(label, rewards, gold=None):
         n = len(rewards)
