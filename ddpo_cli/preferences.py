@@ -55,7 +55,8 @@ def parse_line(line: str, number: int, path: Path) -> PreferencePair:
         image = Path(entry[key]).expanduser()
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
-            raise UserError(f"{where}: the {key} image {image} does not exist (paths are relative to the file's folder)")
+            raise UserError(f"{where}: the {key} image {image} does not exist (paths are relative to the file's "
+                            f"folder)")
         images.append(image)
     return PreferencePair(entry["prompt"], *images)
 
