@@ -26,7 +26,7 @@ from .errors import UserError
 from .models import adapters_disabled
 from .pairs import draws_for
 from .probe import fixed_sampler_config, plan_probe, probe_images
-from .rollout import kl_to_base, policy_step, trained_steps
+from .rollout import is_deterministic, kl_to_base, policy_step, trained_steps
 from .samplers import build_sampler, noise_key
 
 # |ratio - 1| allowed at the first update, and between chunkings of the same pairs (or the algorithm's clip range,
@@ -224,7 +224,7 @@ def kl_to_base_check(trainer, mini: MiniEpoch) -> Check:
         return Check(name, "full fine-tuning keeps no base model", "-", None)
     if mini.samples is None:
         return Check(name, NO_STORED_STEPS, "-", None)
-    if not len(trained_steps(trainer.sampler, (0, trainer.sampler.num_steps))):
+    if is_deterministic(trainer.sampler):
         return Check(name, "a deterministic sampler has no step distribution", "-", None)
     traj, prompts = mini.samples.trajectory, mini.samples.prompts
     args = (trainer.model, trainer.sampler, trainer.unwrapped, traj, prompts, trainer.training_guidance)

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import UserError
 
@@ -72,14 +73,11 @@ class OldPolicy:
                   str(Path(folder) / OLD_POLICY_FILE), metadata={"updates": str(self.updates)})
 
     def load(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         path = Path(folder) / OLD_POLICY_FILE
-        tensors = load_file(str(path))
-        if len(tensors) != len(self.copies):
-            raise ValueError(f"{path} holds {len(tensors)} tensors, the run trains {len(self.copies)}")
-        with torch.no_grad():
-            for i, copy in enumerate(self.copies):
-                copy.copy_(tensors[str(i)])
         with safe_open(str(path), "pt") as handle:
+            if len(handle.keys()) != len(self.copies):
+                raise ValueError(f"{path} holds {len(handle.keys())} tensors, the run trains {len(self.copies)}")
+            with torch.no_grad():
+                for i, copy in enumerate(self.copies):
+                    copy.copy_(handle.get_tensor(str(i)))
             self.updates = int(handle.metadata()["updates"])

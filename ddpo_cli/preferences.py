@@ -61,6 +61,14 @@ def parse_line(line: str, number: int, path: Path) -> PreferencePair:
     return PreferencePair(entry["prompt"], *images)
 
 
+def ranked_pairs(rewards) -> list[tuple[int, int]]:
+    """``(best, worst)`` index pairs of one prompt's rewards: the k-th best finite reward with the k-th worst (ties
+    in index order), a pair of equal rewards left out."""
+    ranked = sorted((i for i, r in enumerate(rewards) if np.isfinite(r)), key=lambda i: -rewards[i])
+    pairs = [(ranked[k], ranked[-1 - k]) for k in range(len(ranked) // 2)]
+    return [(best, worst) for best, worst in pairs if rewards[best] > rewards[worst]]
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """``[3, resolution, resolution]`` float in [0, 1] (resized with bicubic filtering if its size differs)."""
     try:
@@ -87,12 +95,9 @@ def pairs_from_samples(samples_file: str | Path, out_file: str | Path | None = N
     out_file = Path(out_file) if out_file else samples_file.parent / "pairs.jsonl"
     lines = []
     for prompt, images in by_prompt.items():
-        ranked = sorted(images, key=lambda row: -row["reward"])
-        for k in range(len(ranked) // 2):
-            best, worst = ranked[k], ranked[-1 - k]
-            if best["reward"] > worst["reward"]:
-                chosen, rejected = (_relative(samples_file.parent / row["file"], out_file) for row in (best, worst))
-                lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
+        for pair in ranked_pairs([row["reward"] for row in images]):
+            chosen, rejected = (_relative(samples_file.parent / images[i]["file"], out_file) for i in pair)
+            lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
     if not lines:
         raise UserError(f"{samples_file}: every prompt's images score the same, so no pair prefers one: sample more "
                         f"images per prompt (n=8) or use a finer reward")

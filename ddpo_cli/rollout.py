@@ -47,6 +47,11 @@ def trained_steps(sampler: Sampler, window: tuple[int, int]) -> torch.Tensor:
     return torch.tensor([i for i in range(first, end) if sampler.is_stochastic(i)])
 
 
+def is_deterministic(sampler: Sampler) -> bool:
+    """No step of the chain is stochastic (an ODE, DDIM eta 0): there is no step distribution to compare."""
+    return not any(sampler.is_stochastic(i) for i in range(sampler.num_steps))
+
+
 @torch.no_grad()
 def images_from_seeds(model: ModelFamily, sampler: Sampler, denoiser, prompts: list[str], seeds: list[int],
                       guidance: float, device) -> torch.Tensor:

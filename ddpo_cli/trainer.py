@@ -33,7 +33,7 @@ from .pairs import OfflinePairs, PairSource, draws_for, needs_recorded_outputs, 
 from .probe import describe_sampler, start_paired_measure
 from .prompts.run_files import HELDOUT_PROMPTS_FILE, PROMPTS_FILE, prepare_run_sets
 from .report import console, warn
-from .rollout import kl_to_base, preservation_drift, run_chain, trained_steps
+from .rollout import is_deterministic, kl_to_base, preservation_drift, run_chain, trained_steps
 from .runs import lock_run, supersede_after
 from .runtime import (WEIGHT_DTYPES, derive_seed, epoch_randomness, pick_device, precision_rows, quiet_libraries,
                       resolve_precision, set_tf32, set_threads)
@@ -312,7 +312,7 @@ class Trainer:
     def kl_reading(self, samples: EpochSamples) -> float | None:
         """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model; and
         for a deterministic sampler: no step distribution)."""
-        if not self.cfg.model.use_lora or not len(trained_steps(self.sampler, (0, self.sampler.num_steps))):
+        if not self.cfg.model.use_lora or is_deterministic(self.sampler):
             return None
         with torch.no_grad(), self.accelerator.autocast():
             kl = kl_to_base(self.model, self.sampler, self.unwrapped, samples.trajectory, samples.prompts,

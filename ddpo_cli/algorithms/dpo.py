@@ -15,7 +15,7 @@ errors' differences are small numbers.
 the best with the worst, the second best with the second worst, ...; equal rewards make no pair. Every sample is a
 row of the update: its own output keeps the gradient and its partner's (same noise) enters without one, so the two
 rows of a pair together give the pair's whole gradient. ``algo=dpo_offline``: the pairs come from a file of
-(prompt, chosen image, rejected image) (:mod:`ddpo_cli.preference_pairs`), not from rewards.
+(prompt, chosen image, rejected image) (:mod:`ddpo_cli.preferences`), not from rewards.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..preferences import ranked_pairs
 from .forward import ForwardProcessAlgorithm, squared_error
 
 WINNER, LOSER, UNPAIRED = 1.0, -1.0, 0.0
@@ -37,12 +38,9 @@ def preference_pairs(rewards: np.ndarray, group_size: int) -> np.ndarray:
     rewards = np.asarray(rewards, dtype=np.float64)
     out = np.zeros((rewards.size, 2))
     for start in range(0, rewards.size, group_size):
-        members = [i for i in range(start, min(start + group_size, rewards.size)) if np.isfinite(rewards[i])]
-        ranked = sorted(members, key=lambda i: -rewards[i])
-        for k in range(len(ranked) // 2):
-            best, worst = ranked[k], ranked[-1 - k]
-            if rewards[best] > rewards[worst]:
-                out[best], out[worst] = (worst - best, WINNER), (best - worst, LOSER)
+        for best, worst in ranked_pairs(rewards[start:start + group_size]):
+            best, worst = start + best, start + worst
+            out[best], out[worst] = (worst - best, WINNER), (best - worst, LOSER)
     return out
 
 
@@ -75,10 +73,13 @@ class DPO(ForwardProcessAlgorithm):
         self.needs = ("prediction", "target", "base_prediction", "partner_prediction", "partner_target",
                       "partner_base_prediction")
 
-    def check(self, cfg, reward) -> None:
+    def require_reference(self, cfg) -> None:
         if not cfg.model.use_lora:
             raise UserError(f"{self.name} compares the policy with the base model, the LoRA-disabled denoiser: use "
                             f"model.use_lora=true")
+
+    def check(self, cfg, reward) -> None:
+        self.require_reference(cfg)
         if cfg.sampler.group_size < 2:
             raise UserError(f"{self.name} pairs images of one prompt, and sampler.group_size={cfg.sampler.group_size} "
                             f"draws one per prompt: use sampler.group_size >= 2 (e.g. 4)")

@@ -21,19 +21,21 @@ class DPOOffline(DPO):
                  times: str = "schedule") -> None:
         super().__init__(name, beta, times_per_sample, guidance, times)
         self.pairs_file = pairs_file
+        self._pairs = None
 
     def check(self, cfg, reward) -> None:
-        if not cfg.model.use_lora:
-            raise UserError(f"{self.name} compares the policy with the base model, the LoRA-disabled denoiser: use "
-                            f"model.use_lora=true")
+        self.require_reference(cfg)
         if not self.pairs_file:
             raise UserError(f"{self.name} trains on a file of preference pairs: set algo.pairs_file=<pairs.jsonl> "
                             f"(scripts/pairs_from_samples.py makes one from ddpo sample ... reward=<name>)")
-        read_pairs_file(self.pairs_file)
+        self.pairs()
         per_process = cfg.sampler.batch_size * cfg.sampler.num_batches_per_epoch
         if per_process % 2:
             raise UserError(f"{self.name} trains pairs, two rows each, in place of the epoch's {per_process} samples: "
                             f"use an even sampler.batch_size x sampler.num_batches_per_epoch")
 
-    def pairs(self):
-        return read_pairs_file(self.pairs_file)
+    def pairs(self) -> list:
+        """The file's pairs, read and checked once (by :meth:`check`, before the run starts)."""
+        if self._pairs is None:
+            self._pairs = read_pairs_file(self.pairs_file)
+        return self._pairs
