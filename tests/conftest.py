@@ -171,7 +171,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 # Steps of CI kept out of the README's test command, each switched on by its own option
 OPT_IN = {"claims": ("--run-claims", "a learning claim with its control",
-                     "python -m pytest -q -m claims --run-claims -n 2 --dist loadgroup"),
+                     "python -m pytest -q -m claims --run-claims -n 2"),
           "distributed": ("--run-distributed", "several processes (accelerate launch, a reward server, submitit)",
                           "python -m pytest -q -m distributed --run-distributed"),
           "matrix": ("--run-matrix", "ddpo doctor on every tiny family x algorithm",
