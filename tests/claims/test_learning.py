@@ -266,9 +266,9 @@ def flow_jpeg_gain(reward: str, seed: int, *overrides: str, images_per_epoch: in
     before, after = train_and_measure([""], "experiment=tiny_compressibility_flow", f"reward={reward}",
                                       f"seed={seed}", f"sampler.num_batches_per_epoch={images_per_epoch // 32}",
                                       *overrides, n_per_prompt=64, model="tiny_shapes_flow", evaluate=probe_eval)
-    print(f"flow {reward} seed {seed} {images_per_epoch} images/epoch {' '.join(overrides)}: "
-          f"{float((after - before).mean()):+.3f} kB")
-    return float((after - before).mean())
+    gain = float((after - before).mean())
+    print(f"flow {reward} seed {seed} {images_per_epoch} images/epoch {' '.join(overrides)}: {gain:+.3f} kB")
+    return gain
 
 
 @pytest.mark.claims

@@ -31,7 +31,8 @@ CONTROL = "advantage.shuffle=true"
 #                            64 x 8: +0.423 (+0.072) / +0.422 (+0.077);  32 x 8: +0.366 (+0.153) / +0.361 (+0.072)
 #   awm (flow_ode, 64 x 4)   +0.387 (+0.069) / +0.371 (+0.061);  64 x 6: +0.418 (+0.044) / +0.436 (+0.105);
 #                            64 x 8: +0.414 (+0.029) / +0.475 (+0.155);  32 x 8: +0.367 (+0.226) / +0.387 (+0.124)
-FORWARD = ("~algo.clip_range", "sampler=flow_ode", "train.num_epochs=4")
+ODE = ("~algo.clip_range", "sampler=flow_ode")   # the forward-process rules: no ratio clip, the deterministic sampler
+FORWARD = (*ODE, "train.num_epochs=4")
 FLOW_RULES = {"nft": (64, 0.2, ("algo=nft", *FORWARD)),
               "awm": (64, 0.2, ("algo=awm", *FORWARD)),
               "grpo_guard": (32, 0.1, ("algo=grpo_guard",)),
@@ -118,7 +119,7 @@ def dpo_gain(family: str, reward: str, *extra: str) -> tuple[float, float]:
     """(gain in kB, margin) of online DPO on ``family``'s toy."""
     margin, overrides = DPO_RUNS[family, reward]
     if family == "flow":
-        return flow_jpeg_gain(reward, 0, *DPO, "~algo.clip_range", "sampler=flow_ode", *overrides, *extra), margin
+        return flow_jpeg_gain(reward, 0, *DPO, *ODE, *overrides, *extra), margin
     return unconditional_jpeg_gain(reward, 0, *DPO, *GROUPS, *overrides, *extra), margin
 
 
