@@ -1,6 +1,6 @@
 """Learning claims of the 2025-26 update rules (issue #27), each against its matched control (the same run with
 ``advantage.shuffle=true``: advantages permuted across the batch, DPO's pairs flipped by a coin), on the JPEG task in
-both directions on both toy families (offline DPO, on the toy world's counting: test_dpo_offline_learning.py).
+both directions on both toy families (offline DPO: test_dpo_offline_learning.py).
 
 Settings: each rule's defaults (conf/algo/) on the shared tasks (tests/claims/test_learning.py's helpers), with
 group advantages (groups of 8) on both families. The forward-process rules (nft, awm, dpo) sample with the
