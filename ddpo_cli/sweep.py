@@ -65,6 +65,13 @@ def varying_overrides(all_overrides: list[list[str]]) -> list[list[str]]:
     return [[o for o in overrides if o not in shared] for overrides in all_overrides]
 
 
+def curve_labels(pooled: list[dict]) -> list[str]:
+    """A legend label per pooled configuration: its overrides less those every plotted configuration shares (as
+    ``advantage.shuffle=false`` when the controls stay in the table), and its number of seeds."""
+    names = varying_overrides([p["config"].split() for p in pooled])
+    return [f"{' '.join(name) or p['config']} ({p['seeds']} seeds)" for name, p in zip(names, pooled)]
+
+
 def without_seed(label: str) -> str:
     """A job label with its ``seed=...`` override removed: jobs that differ only in the seed share it."""
     return " ".join(o for o in label.split() if not o.startswith("seed=")) or "(all jobs)"
@@ -204,8 +211,8 @@ def summarise_sweep(sweep_dir: Path) -> dict:
     pooled = pool_seeds(jobs)
     by_seed_mean = any(p["seeds"] > 1 for p in pooled)
     trained = [p for p in pooled if CONTROL not in p["config"].split()] or pooled  # controls: in the table
-    lines = [(p["config"] + f" ({p['seeds']} seeds)", p["curve"]) for p in trained] \
-        if by_seed_mean else [(j["label"], j["curve"]) for j in done]
+    lines = list(zip(curve_labels(trained), [p["curve"] for p in trained])) if by_seed_mean \
+        else [(j["label"], j["curve"]) for j in done]
     for x, xlabel in (("reward_queries", "reward queries (samples scored)"), ("wall_seconds", "wall time (s)")):
         report.plot_curves({label: (curve[x], curve["reward_mean"]) for label, curve in lines},
                            sweep_dir / f"sweep_rewards_vs_{x}.png",

@@ -302,6 +302,16 @@ def test_eval_finds_a_reward_option_in_the_users_config_folder(run, tmp_path):
     assert without.returncode == 2 and "unknown reward 'my_size'" in without.stderr
 
 
+def test_curve_labels_drop_what_every_plotted_configuration_shares():
+    from ddpo_cli.sweep import curve_labels
+
+    pooled = [{"config": "algo=a advantage.shuffle=false", "seeds": 3},
+              {"config": "algo=b advantage.shuffle=false", "seeds": 3},
+              {"config": "algo=b advantage.shuffle=false sampler=flow_ode", "seeds": 2}]
+    assert curve_labels(pooled) == ["algo=a (3 seeds)", "algo=b (3 seeds)", "algo=b sampler=flow_ode (2 seeds)"]
+    assert curve_labels(pooled[:1]) == ["algo=a advantage.shuffle=false (3 seeds)"]     # one line: all of it
+
+
 def test_each_configuration_against_its_control_and_the_budget_leaders_by_hand():
     from ddpo_cli.sweep import budget_leaders, command_line_spelling, pool_seeds, seed_groups
 
