@@ -217,17 +217,18 @@ def zero_noise_limit(trainer, mini: MiniEpoch) -> Check:
 
 
 def kl_to_base_check(trainer, mini: MiniEpoch) -> Check:
-    """KL(policy || base) is 0 before training, and after a small change of the LoRA weights it is positive and has
-    a gradient reaching them (the base model is the denoiser with its adapter off)."""
+    """KL(policy || base) is 0 before training, and after a small change of the trained weights it is positive and
+    has a gradient reaching them (the base model: the run's reference, :mod:`ddpo_cli.reference`)."""
     name = "KL to base: 0 at init, gradient after a change"
-    if not trainer.cfg.model.use_lora:
-        return Check(name, "full fine-tuning keeps no base model", "-", None)
+    if trainer.reference is None:
+        return Check(name, "this full fine-tuning run keeps no copy of the base model (nothing reads it)", "-", None)
     if mini.samples is None:
         return Check(name, NO_STORED_STEPS, "-", None)
     if is_deterministic(trainer.sampler):
         return Check(name, "a deterministic sampler has no step distribution", "-", None)
     traj, prompts = mini.samples.trajectory, mini.samples.prompts
-    args = (trainer.model, trainer.sampler, trainer.unwrapped, traj, prompts, trainer.training_guidance)
+    args = (trainer.model, trainer.sampler, trainer.unwrapped, trainer.reference, traj, prompts,
+            trainer.training_guidance)
     with torch.no_grad(), trainer.accelerator.autocast():
         at_init = float(kl_to_base(*args))
     params = [p for p in trainer.params if p.requires_grad]

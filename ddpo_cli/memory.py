@@ -3,6 +3,7 @@
     frozen weights   = frozen denoiser x b / W  +  (text encoders + VAE) x b  +  reward model x 4  +  buffers
     trainable weights = trainable x 4 / W
     master copy      = trainable x 4 / S                 (DeepSpeed only: its fp32 copy of the trained weights)
+    weight copies    = trainable x 4 x copies            (kept by ddpo: the old policy, full fine-tuning's reference)
     gradients        = trainable x 4 / S
     optimizer state  = trainable x 8 / S                 (AdamW: two fp32 moments per parameter)
     gathered block   = largest sharded block x b         (W > 1: one block's whole weights while it runs)
@@ -38,6 +39,7 @@ class MemoryInputs:
     largest_block: int            # parameters of the largest sharded block (gathered whole while it runs)
     activation_bytes: int         # saved for backward by one training chunk
     cache_bytes: int              # the conditioning cache
+    weight_copies: int = 0        # whole copies of the trained weights ddpo keeps (old policy, full FT's reference)
 
 
 def memory_terms(m: MemoryInputs) -> dict[str, float]:
@@ -47,6 +49,7 @@ def memory_terms(m: MemoryInputs) -> dict[str, float]:
         + m.reward * 4 + m.buffer_bytes,
         "trainable weights": m.trainable * 4 / m.weight_shards,
         "master copy": m.trainable * 4 / m.state_shards if m.master_copy else 0.0,
+        "weight copies": float(m.trainable * 4 * m.weight_copies),
         "gradients": m.trainable * 4 / m.state_shards,
         "optimizer state": m.trainable * 8 / m.state_shards,
         "gathered block": m.largest_block * m.weight_bytes if m.weight_shards > 1 else 0.0,

@@ -1,4 +1,5 @@
-"""A slowly updated copy of the trained weights (DiffusionNFT's old policy), kept beside them.
+"""Copies of the trained weights kept beside them: DiffusionNFT's old policy (a slowly updated copy) and, for full
+fine-tuning, the reference model (the weights as loaded, :mod:`ddpo_cli.reference`).
 
 After update ``k`` (one per epoch): ``old <- eta old + (1 - eta) theta``, ``eta = min(increment x k, max)``. The copy
 is used by swapping it into the trained parameters in place (:meth:`OldPolicy.swapped_in`) for a forward pass
@@ -29,10 +30,33 @@ def old_policy_for(algo, params: list[torch.nn.Parameter], sharded: bool, strate
     return OldPolicy(params, *algo.old_policy)
 
 
-class OldPolicy:
+class WeightCopy:
+    """A copy of trained parameters (``copies``, else their current values), used by swapping it into them in place."""
+
+    def __init__(self, params: list[torch.nn.Parameter], copies: list[torch.Tensor] | None = None) -> None:
+        self.params = params
+        self.copies = copies if copies is not None else [p.detach().clone() for p in params]
+
+    @contextmanager
+    def swapped_in(self):
+        """The copied weights in the trained parameters for the block (no gradient); the trained ones back after."""
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.params]
+            for param, copy in zip(self.params, self.copies):
+                param.copy_(copy)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, kept):
+                    param.copy_(value)
+
+
+class OldPolicy(WeightCopy):
     def __init__(self, params: list[torch.nn.Parameter], increment: float, max_decay: float) -> None:
-        self.params, self.increment, self.max_decay = params, increment, max_decay
-        self.copies = [p.detach().clone() for p in params]
+        super().__init__(params)
+        self.increment, self.max_decay = increment, max_decay
         self.updates = 0
 
     def decay(self, k: int) -> float:
@@ -46,21 +70,6 @@ class OldPolicy:
         for copy, param in zip(self.copies, self.params):
             copy.mul_(eta).add_(param.detach(), alpha=1 - eta)
         return eta
-
-    @contextmanager
-    def swapped_in(self):
-        """The old weights in the trained parameters for the block (no gradient); the trained ones back after."""
-        with torch.no_grad():
-            kept = [p.detach().clone() for p in self.params]
-            for param, copy in zip(self.params, self.copies):
-                param.copy_(copy)
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            with torch.no_grad():
-                for param, value in zip(self.params, kept):
-                    param.copy_(value)
 
     def distance(self) -> float:
         """RMS difference between the old and the trained weights (a reading for the metrics)."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .books import EpochSamples
-from .models import ModelFamily, adapters_disabled
+from .models import ModelFamily
 from .old_policy import OldPolicy
 from .rollout import Trajectory, denoising_errors, policy_step
 from .runtime import derive_seed
@@ -27,7 +27,8 @@ RECORDED_OUTPUTS = {"old_clean_estimate", "old_mean"}  # need each step's output
 @dataclass
 class PairSource:
     """What computes the tensors: the model family, the sampler, the trained denoiser (as prepared: DDP-wrapped)
-    and the bare one, the guidance of chain steps, and the old policy if the algorithm keeps one."""
+    and the bare one, the guidance of chain steps, the old policy if the algorithm keeps one, and the reference
+    (``reference()``: the context in which the bare denoiser is the base model, :mod:`ddpo_cli.reference`)."""
 
     model: ModelFamily
     sampler: Sampler
@@ -35,6 +36,7 @@ class PairSource:
     unwrapped: object
     guidance: float
     old_policy: OldPolicy | None = None
+    reference: object = None
 
 
 @dataclass
@@ -95,12 +97,12 @@ def chain_tensors(source: PairSource, needs: set[str], samples: EpochSamples, ro
     out = {}
     if "old_log_prob" in needs:
         out["old_log_prob"] = traj.log_probs[rows, cols]
-    if needs & POLICY_TENSORS:
-        out.update(policy_step(model, sampler, source.denoiser, *step))
-    if needs & BASE_TENSORS:
-        with torch.no_grad(), adapters_disabled(source.unwrapped):
+    if needs & BASE_TENSORS:  # before the policy's graph: a full fine-tuning reference swaps the weights in place
+        with torch.no_grad(), source.reference():
             base = policy_step(model, sampler, source.unwrapped, *step)
         out.update(base_mean=base["mean"], base_output=base["output"])
+    if needs & POLICY_TENSORS:
+        out.update(policy_step(model, sampler, source.denoiser, *step))
     if needs & RECORDED_OUTPUTS:
         recorded = traj.outputs[rows, cols]
         out["old_clean_estimate"] = sampler.clean_estimate(recorded, traj.latents[rows, cols], traj.steps[rows, cols])
@@ -135,10 +137,10 @@ def forward_tensors(source: PairSource, algo, samples: EpochSamples, targets: to
         out["partner_target"] = p_target
         with torch.no_grad():
             out["partner_prediction"] = predict(source.unwrapped, p_noisy, p_cond)
-            with adapters_disabled(source.unwrapped):
+            with source.reference():
                 out["partner_base_prediction"] = predict(source.unwrapped, p_noisy, p_cond)
     if "base_prediction" in needs:
-        with torch.no_grad(), adapters_disabled(source.unwrapped):
+        with torch.no_grad(), source.reference():
             out["base_prediction"] = predict(source.unwrapped, noisy, cond)
     out["prediction"] = predict(source.denoiser, noisy, cond)
     return out

@@ -16,6 +16,7 @@ from .errors import UserError
 from .memory import GIB, MemoryInputs, cache_bytes, memory_terms
 from .models import resolve_model_path
 from .models.meta import meta_model, training_activations
+from .reference import needs_reference
 from .report import console, startup_table
 from .runtime import PRECISIONS, WEIGHT_DTYPES, quiet_libraries
 
@@ -46,6 +47,20 @@ def largest_block(denoiser) -> int:
     names = set(getattr(denoiser, "_no_split_modules", None) or [])
     sizes = [sum(p.numel() for p in m.parameters()) for m in denoiser.modules() if type(m).__name__ in names]
     return max(sizes, default=sum(p.numel() for p in denoiser.parameters()))
+
+
+def weight_copies(cfg: DictConfig, run_plan, strategy: str) -> int:
+    """Whole copies of the trained weights the run keeps beside them: the old policy (``algo.old_policy``) and full
+    fine-tuning's reference (ddpo_cli/reference.py). UserError under a strategy that splits the weights: the
+    trainer refuses those runs, ddpo does not shard the copies yet."""
+    algo = run_plan.algorithm
+    reference = not cfg.model.use_lora and needs_reference(algo, bool(run_plan.preserve))
+    copies = int(algo.old_policy is not None) + int(reference)
+    if copies and STRATEGIES[strategy][0]:
+        raise UserError(f"this run keeps a whole copy of the trained weights (algo={algo.name}'s old policy or full "
+                        f"fine-tuning's reference), which ddpo does not shard yet: plan it with --strategy ddp or "
+                        f"zero2")
+    return copies
 
 
 def plan_precision(name: str) -> str:
@@ -111,7 +126,7 @@ def plan_task(cfg: DictConfig, gpus: int, strategy: str, benchmark: Path | None)
         counts["frozen_denoiser"], counts["trainable"], counts["encoders_and_vae"], reward_parameters,
         counts["buffer_bytes"], weight_bytes, shards, gpus if split_state else 1, master_copy,
         largest_block(model.denoiser), activations,
-        cache_bytes(len(run_plan.prompts), per_prompt, cfg.model.text_cache_mb)))
+        cache_bytes(len(run_plan.prompts), per_prompt, cfg.model.text_cache_mb), weight_copies(cfg, run_plan, strategy)))
     items = epoch_items(cfg, run_plan, items_per_chunk // chunk)
     lora = f"LoRA rank {cfg.model.lora.rank}" if cfg.model.use_lora else "full fine-tuning"
     sharding = f" (denoiser over {shards})" if shards > 1 else ""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .models import Conditioning, ModelFamily, adapters_disabled
+from .models import Conditioning, ModelFamily
 from .noise import NoiseSource, per_image_noise
 from .samplers import Sampler
 from .samplers.gaussian import gaussian_kl
@@ -128,27 +128,28 @@ def policy_step(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.T
             "output": output, "clean_estimate": sampler.clean_estimate(output, latents, steps)}
 
 
-def output_drift(model: ModelFamily, sampler: Sampler, denoiser, latents: torch.Tensor, steps: torch.Tensor,
-                 cond: Conditioning, guidance: float) -> torch.Tensor:
-    """``[P]`` mean squared difference between the policy's guided output and the base model's (the same denoiser,
-    adapter off, no gradient) at states ``latents`` of step indices ``steps`` (prior preservation)."""
+def output_drift(model: ModelFamily, sampler: Sampler, denoiser, reference, latents: torch.Tensor,
+                 steps: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
+    """``[P]`` mean squared difference between the policy's guided output and the base model's (the same denoiser
+    in the ``reference()`` context, :mod:`ddpo_cli.reference`, no gradient) at states ``latents`` of step indices
+    ``steps`` (prior preservation)."""
     t = sampler.model_time(steps)
-    policy = model.predict(denoiser, latents, t, cond, model.negative, guidance)
-    with torch.no_grad(), adapters_disabled(denoiser):
+    with torch.no_grad(), reference():  # first: a full fine-tuning reference swaps weights the graph would keep
         base = model.predict(denoiser, latents, t, cond, model.negative, guidance)
+    policy = model.predict(denoiser, latents, t, cond, model.negative, guidance)
     return ((policy.float() - base.float()) ** 2).mean(dim=tuple(range(1, latents.ndim)))
 
 
-def preservation_drift(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory, rows: torch.Tensor,
-                       cols: torch.Tensor, prompts: list[str], pairs: int, guidance: float,
+def preservation_drift(model: ModelFamily, sampler: Sampler, denoiser, reference, traj: Trajectory,
+                       rows: torch.Tensor, cols: torch.Tensor, prompts: list[str], pairs: int, guidance: float,
                        generator: torch.Generator) -> torch.Tensor:
     """Prior preservation (``train.preserve``): the mean :func:`output_drift` at ``pairs`` of the update's stored
     states ``(rows, cols)``, each under a prompt drawn from the preserved ``prompts``."""
     picked = torch.randint(rows.numel(), (pairs,), generator=generator)
     chosen = [prompts[i] for i in torch.randint(len(prompts), (pairs,), generator=generator).tolist()]
     r, c = rows[picked], cols[picked]
-    return output_drift(model, sampler, denoiser, traj.latents[r, c], traj.steps[r, c], model.encode(chosen),
-                        guidance).mean()
+    return output_drift(model, sampler, denoiser, reference, traj.latents[r, c], traj.steps[r, c],
+                        model.encode(chosen), guidance).mean()
 
 
 def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.Tensor,
@@ -160,10 +161,10 @@ def denoising_errors(model: ModelFamily, sampler: Sampler, denoiser, x0: torch.T
     return ((prediction - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
 
 
-def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory, prompts: list[str], guidance: float,
-               max_samples: int = 2, max_steps: int = 3) -> torch.Tensor:
+def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, reference, traj: Trajectory, prompts: list[str],
+               guidance: float, max_samples: int = 2, max_steps: int = 3) -> torch.Tensor:
     """Mean KL(policy step || base step) over the first ``max_samples`` chains at up to ``max_steps`` evenly spaced
-    stochastic steps (the base model: the same denoiser with its LoRA adapter disabled, without gradient). The
+    stochastic steps (the base model: the same denoiser in the ``reference()`` context, without gradient). The
     policy's side keeps its gradient unless called under ``torch.no_grad()`` (a reading during training)."""
     n, t = traj.log_probs.shape
     stochastic = torch.tensor([i for i in range(t) if sampler.is_stochastic(i)] or [0])
@@ -172,7 +173,7 @@ def kl_to_base(model: ModelFamily, sampler: Sampler, denoiser, traj: Trajectory,
     cols = picked.repeat(min(n, max_samples))
     cond = model.encode([prompts[i] for i in rows.tolist()])
     args = (traj.latents[rows, cols], traj.next_latents[rows, cols], traj.steps[rows, cols], cond, guidance)
-    policy = policy_step(model, sampler, denoiser, *args)
-    with torch.no_grad(), adapters_disabled(denoiser):
+    with torch.no_grad(), reference():  # first: a full fine-tuning reference swaps weights the graph would keep
         base = policy_step(model, sampler, denoiser, *args)
+    policy = policy_step(model, sampler, denoiser, *args)
     return gaussian_kl(policy["mean"], base["mean"], policy["std"]).mean()

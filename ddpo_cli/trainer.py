@@ -31,6 +31,7 @@ from .noise import batch_noise, generator_noise
 from .old_policy import old_policy_for
 from .pairs import OfflinePairs, PairSource, draws_for, needs_recorded_outputs, pair_tensors
 from .probe import describe_sampler, start_paired_measure
+from .reference import loaded_weights, needs_reference, reference_for
 from .prompts.run_files import HELDOUT_PROMPTS_FILE, PROMPTS_FILE, prepare_run_sets
 from .report import console, warn
 from .rollout import is_deterministic, kl_to_base, preservation_drift, run_chain, trained_steps
@@ -77,6 +78,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       weight_decay=t.weight_decay, eps=t.adam_epsilon)
         self.start_epoch, self.global_step, superseded, resumed = 0, 0, None, None
+        loaded = loaded_weights(self.model, cfg.model.use_lora, needs_reference(self.algo, bool(plan.preserve)),
+                                self.sharded, strategy(self.accelerator))  # full fine-tuning's reference, as loaded
         if plan.resume:  # weights into the whole model, before prepare shards it
             resumed = checkpoint.resume(self.model, self.model.denoiser, Path(cfg.resume).expanduser(),
                                         cfg.model.use_lora)
@@ -86,8 +89,9 @@ class Trainer:
         self.backward = partial(distributed.backward, self.accelerator, self.denoiser)  # the strategy's backward
         self.params = self.model.trainable_parameters()  # FSDP2 replaced them with their shards, ZeRO-3 emptied them
         self.old_policy = old_policy_for(self.algo, self.params, self.sharded, strategy(self.accelerator))
+        self.reference = reference_for(self.unwrapped, self.params, cfg.model.use_lora, loaded)
         self.pair_source = PairSource(self.model, self.sampler, self.denoiser, self.unwrapped, self.training_guidance,
-                                      self.old_policy)
+                                      self.old_policy, self.reference)
         self.draws = None  # forward-process algorithms: the epoch's noise levels and noise
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # The reward thread gets its own small torch thread team: a second full-size OpenMP team (created the first
@@ -149,8 +153,7 @@ class Trainer:
                     break
         if self.is_main:
             console.print(report.run_summary(self.run_dir, cfg.log.paired.metric, cfg.log.paired.heldout,
-                                             describe_sampler(cfg.sampler), cfg.checkpoint.best_by),
-                          highlight=False)
+                                             describe_sampler(cfg.sampler), cfg.checkpoint.best_by), highlight=False)
 
     def checkpoint_epoch(self, epoch: int, verdict: Verdict) -> None:
         """Save on the checkpoint.every epochs, the last one, a monitor's stop and a new best (kept as best/)."""
@@ -179,9 +182,8 @@ class Trainer:
         """Sample and score the policy's own images (the run's yardstick), then update on pairs from a file."""
         samples, rewards, metrics, timings = self.sample_epoch(epoch, update=False)
         start = time.perf_counter()
-        where = (self.accelerator.process_index, self.accelerator.num_processes)
         pairs, targets = self.offline.epoch_samples(self.cfg, self.algo, epoch, self.counts.samples_per_process // 2,
-                                                    *where)
+                                                    self.accelerator.process_index, self.accelerator.num_processes)
         metrics.update(self.update_epoch(epoch, pairs, targets))
         timings["train_seconds"] = time.perf_counter() - start
         return samples, rewards, metrics, timings
@@ -281,9 +283,9 @@ class Trainer:
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, self.global_step,
                                                                   self.accelerator.process_index, "preserve"))
             with micro_step(self.accelerator, self.denoiser, last=False), self.accelerator.autocast():
-                drift = preservation_drift(self.model, self.sampler, self.denoiser, samples.trajectory, rows, cols,
-                                           self.plan.preserve, cfg.train.preserve.pairs, cfg.sampler.guidance_scale,
-                                           generator)
+                drift = preservation_drift(self.model, self.sampler, self.denoiser, self.reference,
+                                           samples.trajectory, rows, cols, self.plan.preserve,
+                                           cfg.train.preserve.pairs, cfg.sampler.guidance_scale, generator)
                 self.backward(cfg.train.preserve.weight * drift)
             sums["preserve_drift"] = float(drift.detach())
         for first in range(0, n_pairs, chunk):
@@ -310,13 +312,12 @@ class Trainer:
         return grad_norm
 
     def kl_reading(self, samples: EpochSamples) -> float | None:
-        """Mean KL(policy step || base step) on a few stored pairs (None for full fine-tuning: no base model; and
-        for a deterministic sampler: no step distribution)."""
-        if not self.cfg.model.use_lora or is_deterministic(self.sampler):
+        """Mean KL(policy step || base step) on a few stored pairs; None without a reference or step distribution."""
+        if self.reference is None or is_deterministic(self.sampler):
             return None
         with torch.no_grad(), self.accelerator.autocast():
-            kl = kl_to_base(self.model, self.sampler, self.unwrapped, samples.trajectory, samples.prompts,
-                            self.training_guidance)
+            kl = kl_to_base(self.model, self.sampler, self.unwrapped, self.reference, samples.trajectory,
+                            samples.prompts, self.training_guidance)
         return float(self.accelerator.reduce(kl, "mean"))
 
     # ------------------------------------------------------------------------------------------------ backprop

@@ -12,7 +12,7 @@ LAYERS = [
     {"__main__", "cli"},
     {"sample", "evaluate", "sweep", "trainer", "reward_server", "cluster", "planner", "doctor"},
     {"checkpoint", "probe", "pairs", "report", "guards", "books", "distributed", "watch"},
-    {"rollout", "old_policy"},
+    {"rollout", "old_policy", "reference"},
     {"config", "monitors"},
     {"algorithms", "rewards", "prompts", "clients", "advantages", "preferences",
      "toyworld"},

@@ -15,11 +15,13 @@ def test_the_memory_formula_by_hand():
                      weight_bytes=2, weight_shards=2, state_shards=2, master_copy=False, largest_block=50,
                      activation_bytes=64, cache_bytes=8)
     assert memory_terms(m) == {"frozen weights": 1000 * 2 / 2 + 100 * 2 + 5 * 4 + 6, "trainable weights": 20,
-                               "master copy": 0, "gradients": 20, "optimizer state": 40, "gathered block": 100,
+                               "master copy": 0, "weight copies": 0, "gradients": 20, "optimizer state": 40,
+                               "gathered block": 100,
                                "activations": 64, "conditioning cache": 8,
                                "total": 1226 + 20 + 20 + 40 + 100 + 64 + 8}
-    unsharded = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 1, False, 50, 64, 8))
+    unsharded = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 1, False, 50, 64, 8, weight_copies=2))
     assert unsharded["gathered block"] == 0 and unsharded["optimizer state"] == 80
+    assert unsharded["weight copies"] == 2 * 10 * 4       # the old policy and the reference, fp32, whole
     zero2 = memory_terms(MemoryInputs(1000, 10, 100, 5, 6, 2, 1, 2, True, 50, 64, 8))  # weights whole, state split
     assert (zero2["frozen weights"], zero2["trainable weights"], zero2["master copy"], zero2["gradients"],
             zero2["optimizer state"], zero2["gathered block"]) == (1000 * 2 + 226, 40, 20, 20, 40, 0)
@@ -91,6 +93,23 @@ def test_ddpo_plan_prints_the_memory_of_a_run_and_refuses_bad_options(cache_dir)
     assert "optimizer state" in words and "gathered block" in words and "2 GPUs, fsdp2" in words
     bad = ddpo("plan", "model=tiny", "--strategy", "zero1")
     assert bad.returncode == 2 and "--strategy zero1: choose ddp, fsdp2, zero2, zero3" in bad.stderr
+
+
+@pytest.mark.parametrize("overrides,copies", [
+    (["algo=dpo"], 0), (["algo=dpo", "model.use_lora=false"], 1), (["algo=nft"], 1),
+    (["algo=nft", "algo.kl_beta=0.1", "model.use_lora=false"], 2), (["algo=ddpo_is", "model.use_lora=false"], 0)])
+def test_the_plan_counts_the_copies_of_the_trained_weights_a_run_keeps(overrides, copies):
+    from ddpo_cli.config import compose, plan_run
+    from ddpo_cli.errors import UserError
+    from ddpo_cli.planner import weight_copies
+
+    cfg = compose("train", ["model=tiny", "sampler.batch_size=2", "sampler.group_size=2",
+                            "train.batch_size=2", *overrides])
+    run_plan = plan_run(cfg)
+    assert weight_copies(cfg, run_plan, "ddp") == weight_copies(cfg, run_plan, "zero2") == copies
+    if copies:
+        with pytest.raises(UserError, match="does not shard yet"):
+            weight_copies(cfg, run_plan, "fsdp2")
 
 
 def test_reward_models_are_sized_without_loading_them():

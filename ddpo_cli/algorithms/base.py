@@ -19,7 +19,7 @@
   ``old_log_prob``  [P]  log-prob recorded when sampling
   ``mean`` / ``std``      the current policy's step Gaussian ([P,C,h,w] / [P,1,1,1])
   ``output``        [P,C,h,w]  the current denoiser output after CFG
-  ``base_mean`` / ``base_output``  the same for the base model (adapter disabled, no gradient)
+  ``base_mean`` / ``base_output``  the same for the base model (LoRA off, or the weights as loaded; no gradient)
   ``errors``        [P]  the family's denoising loss on the sample's clean latents at a random noise level
   ``clean_estimate``      [P,C,h,w]  the clean latents the current policy's output implies at the stored step
   ``old_clean_estimate``  [P,C,h,w]  the same from the output recorded when sampling (the old policy)
@@ -31,7 +31,7 @@
   ``prediction`` / ``target``       the current denoiser output (guidance ``algo.guidance``) and its regression
                                     target (noise, v or velocity: the family's training loss)
   ``old_prediction``                the old policy's output (no gradient)
-  ``base_prediction``               the base model's (adapter disabled, no gradient)
+  ``base_prediction``               the base model's (LoRA off, or the weights as loaded; no gradient)
   ``partner_prediction`` / ``partner_target`` / ``partner_base_prediction``  the same for the pair's partner sample
                                     (``targets = "pairs"``) at the same noise level and noise; its policy side has
                                     no gradient (the partner's own row carries it)

@@ -6,7 +6,8 @@ A pair (winner w, loser l) under one prompt is noised at one noise level with on
 
     loss = -log sigmoid( -beta / 2 * ((e_w - e_ref_w) - (e_l - e_ref_l)) )
 
-The reference is the base model (the LoRA-disabled denoiser). At the start policy = reference, the bracket is 0 and
+The reference is the base model (:mod:`ddpo_cli.reference`: the LoRA-disabled denoiser; with full fine-tuning a
+copy of the weights as loaded, as the paper's code keeps its reference UNet). At the start policy = reference, the bracket is 0 and
 the loss is log 2; the gradient lowers the winner's error and raises the loser's relative to the reference, and
 the reference terms hold the policy near it. ``beta`` is large (the paper used 2500-5000 on SD-scale models): the
 errors' differences are small numbers.
@@ -73,13 +74,7 @@ class DPO(ForwardProcessAlgorithm):
         self.needs = ("prediction", "target", "base_prediction", "partner_prediction", "partner_target",
                       "partner_base_prediction")
 
-    def require_reference(self, cfg) -> None:
-        if not cfg.model.use_lora:
-            raise UserError(f"{self.name} compares the policy with the base model, the LoRA-disabled denoiser: use "
-                            f"model.use_lora=true")
-
     def check(self, cfg, reward) -> None:
-        self.require_reference(cfg)
         if cfg.sampler.group_size < 2:
             raise UserError(f"{self.name} pairs images of one prompt, and sampler.group_size={cfg.sampler.group_size} "
                             f"draws one per prompt: use sampler.group_size >= 2 (e.g. 4)")

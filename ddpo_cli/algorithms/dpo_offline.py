@@ -24,7 +24,6 @@ class DPOOffline(DPO):
         self._pairs = None
 
     def check(self, cfg, reward) -> None:
-        self.require_reference(cfg)
         if not self.pairs_file:
             raise UserError(f"{self.name} trains on a file of preference pairs: set algo.pairs_file=<pairs.jsonl> "
                             f"(scripts/pairs_from_samples.py makes one from ddpo sample ... reward=<name>)")

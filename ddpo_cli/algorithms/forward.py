@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
 from .base import Algorithm
 
 TIMES = ("schedule", "uniform")
@@ -53,10 +52,7 @@ class ForwardProcessAlgorithm(Algorithm):
         self.times_per_sample, self.guidance, self.kl_beta = times_per_sample, guidance, kl_beta
 
     def check(self, cfg, reward) -> None:
-        """Any sampler will do; a KL to the base model needs one (LoRA: the adapter-disabled denoiser)."""
-        if self.kl_beta > 0 and not cfg.model.use_lora:
-            raise UserError(f"algo.kl_beta={self.kl_beta} needs the base model, which is the LoRA-disabled denoiser: "
-                            f"use model.use_lora=true, or algo.kl_beta=0 for full fine-tuning")
+        """Any sampler will do; the base model of ``kl_beta`` is the run's reference (ddpo_cli/reference.py)."""
 
     def warnings(self, cfg, counts) -> list[str]:
         if cfg.sampler.guidance_scale == 1 or self.guidance != 1:

@@ -38,9 +38,9 @@ def test_drift_is_zero_at_the_base_model_and_trains_lora_only(make_trainer):
     rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
 
     def drift_now():
-        return preservation_drift(trainer.model, trainer.sampler, trainer.denoiser, samples.trajectory, rows, cols,
-                                  trainer.plan.preserve, 16, trainer.cfg.sampler.guidance_scale,
-                                  torch.Generator().manual_seed(0))
+        return preservation_drift(trainer.model, trainer.sampler, trainer.denoiser, trainer.reference,
+                                  samples.trajectory, rows, cols, trainer.plan.preserve, 16,
+                                  trainer.cfg.sampler.guidance_scale, torch.Generator().manual_seed(0))
 
     assert drift_now().item() == 0.0   # LoRA B starts at zero: the base model
     perturb_lora(trainer)

@@ -121,13 +121,13 @@ def test_a_base_model_that_is_the_policy_fails_the_kl_check(monkeypatch, cache_d
     from contextlib import contextmanager
 
     import ddpo_cli.doctor
-    import ddpo_cli.rollout
+    import ddpo_cli.reference
 
     @contextmanager
     def adapter_left_on(denoiser):
         yield denoiser
 
-    monkeypatch.setattr(ddpo_cli.rollout, "adapters_disabled", adapter_left_on)
+    monkeypatch.setattr(ddpo_cli.reference, "adapters_disabled", adapter_left_on)
     monkeypatch.setattr(ddpo_cli.doctor, "adapters_disabled", adapter_left_on)
     assert "KL to base: 0 at init, gradient after a change" in failed(doctor("model=tiny"))
 
