@@ -266,6 +266,14 @@ def tracker_values(row: dict) -> dict[str, float]:
     return values
 
 
+def loading_hint(checkpoints: Path) -> str:
+    """How diffusers loads the run's checkpoints: the LoRA file, or full fine-tuning's denoiser folder."""
+    full = next((d.name for d in sorted(Path(checkpoints).glob("*/*")) if d.name in ("unet", "transformer")
+                 and d.is_dir()), None)
+    return f"full weights: from_pretrained(<checkpoint>/{full})" if full else \
+        "LoRA: pipe.load_lora_weights(<checkpoint>)"
+
+
 def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = None, sampler: str | None = None,
                 best_by: str | None = None) -> str:
     """What the run did and what to run next: the paired measure (base -> last, paired gain +- standard error, the
@@ -299,7 +307,7 @@ def run_summary(run_dir: Path, metric: str = "reward", heldout: str | None = Non
                      f"{np.mean([r['reward_mean'] for r in last]):.4g} (log.paired.every>0 measures a paired gain)")
     lines += [f"  curve:        {Path(run) / 'reward_curve.png'}",
               f"  grids:        {Path(run) / 'images'}",
-              f"  checkpoints:  {Path(run) / 'checkpoints'}   (LoRA: pipe.load_lora_weights(<checkpoint>))",
+              f"  checkpoints:  {Path(run) / 'checkpoints'}   ({loading_hint(Path(run_dir) / 'checkpoints')})",
               "next:",
               f"  ddpo eval run={run}" + (f"\n  ddpo eval run={run} prompts={heldout}" if heldout else ""),
               f"  ddpo sample run={run} n=4"]

@@ -62,7 +62,9 @@ def test_summary_names_the_paired_gain_the_outputs_and_the_next_commands(tmp_pat
     assert "sampled with:        flow_sde, 10 steps, noise_level 0.7, guidance 4.5, SDE window 0..2 (pinned there; " \
            "training slides it)" in text
     assert f"ddpo eval run={tmp_path}\n" in text and f"ddpo eval run={tmp_path} prompts=shapes_heldout" in text
-    assert f"ddpo sample run={tmp_path} n=4" in text
+    assert f"ddpo sample run={tmp_path} n=4" in text and "(LoRA: pipe.load_lora_weights(<checkpoint>))" in text
+    (tmp_path / "checkpoints" / "epoch_0001" / "unet").mkdir(parents=True)     # full fine-tuning's checkpoints
+    assert "(full weights: from_pretrained(<checkpoint>/unet))" in run_summary(tmp_path, "exact")
     series = paired_series(rows, "exact")
     assert list(series["trained"]["epoch"]) == [1] and list(series["held-out"]["policy"]) == [0.61]
 
