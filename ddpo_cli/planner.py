@@ -126,7 +126,8 @@ def plan_task(cfg: DictConfig, gpus: int, strategy: str, benchmark: Path | None)
         counts["frozen_denoiser"], counts["trainable"], counts["encoders_and_vae"], reward_parameters,
         counts["buffer_bytes"], weight_bytes, shards, gpus if split_state else 1, master_copy,
         largest_block(model.denoiser), activations,
-        cache_bytes(len(run_plan.prompts), per_prompt, cfg.model.text_cache_mb), weight_copies(cfg, run_plan, strategy)))
+        cache_bytes(len(run_plan.prompts), per_prompt, cfg.model.text_cache_mb),
+        weight_copies(cfg, run_plan, strategy)))
     items = epoch_items(cfg, run_plan, items_per_chunk // chunk)
     lora = f"LoRA rank {cfg.model.lora.rank}" if cfg.model.use_lora else "full fine-tuning"
     sharding = f" (denoiser over {shards})" if shards > 1 else ""

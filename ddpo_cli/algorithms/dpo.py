@@ -7,10 +7,10 @@ A pair (winner w, loser l) under one prompt is noised at one noise level with on
     loss = -log sigmoid( -beta / 2 * ((e_w - e_ref_w) - (e_l - e_ref_l)) )
 
 The reference is the base model (:mod:`ddpo_cli.reference`: the LoRA-disabled denoiser; with full fine-tuning a
-copy of the weights as loaded, as the paper's code keeps its reference UNet). At the start policy = reference, the bracket is 0 and
-the loss is log 2; the gradient lowers the winner's error and raises the loser's relative to the reference, and
-the reference terms hold the policy near it. ``beta`` is large (the paper used 2500-5000 on SD-scale models): the
-errors' differences are small numbers.
+copy of the weights as loaded, as the paper's code keeps its reference UNet). At the start policy = reference, the
+bracket is 0 and the loss is log 2; the gradient lowers the winner's error and raises the loser's relative to the
+reference, and the reference terms hold the policy near it. ``beta`` is large (the paper used 2500-5000 on SD-scale
+models): the errors' differences are small numbers.
 
 ``algo=dpo`` (online): pairs inside each prompt group (``sampler.group_size`` images of one prompt), ranked by reward:
 the best with the worst, the second best with the second worst, ...; equal rewards make no pair. Every sample is a
